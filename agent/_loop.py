@@ -1,0 +1,384 @@
+"""The agent loop: request -> tool calls (concurrent) -> results -> request, until a final answer."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.events import (
+    AgentEvent,
+    FinalEvent,
+    ModelResponseEvent,
+    RetryEvent,
+    RunResult,
+    TextDeltaEvent,
+    ToolCallEvent,
+    ToolResultEvent,
+    UsageEvent,
+)
+from agent.exceptions import (
+    MaxStepsExceeded,
+    MMAgentError,
+    RetryBudgetExceeded,
+    UsageLimitExceeded,
+    UserError,
+)
+from agent.messages import Message, Part, RetryPart, ToolCallPart, ToolResultPart
+from agent.models import Model, ModelResponse, ModelSettings, TextDelta, Usage
+from agent.protocols import ContextFitter, RunStore
+from tools import Approver, Registry, Tool, ToolContext
+
+__all__ = ["Agent", "UsageLimits"]
+
+
+@dataclass(frozen=True, slots=True)
+class UsageLimits:
+    """Caps on one run. None means no cap."""
+
+    max_requests: int | None = 50
+    max_input_tokens: int | None = None
+    max_output_tokens: int | None = None
+    max_total_tokens: int | None = None
+    max_tool_calls: int | None = None
+
+
+@dataclass(slots=True)
+class _RunState:
+    messages: list[Message]
+    first_new: int
+    step: int = 0
+    usage: Usage = field(default_factory=Usage)
+    tool_calls: int = 0
+    retries: dict[str, int] = field(default_factory=dict)
+    run_id: str | None = None
+    conversation_id: str | None = None
+    deps: Any = None
+    settings: ModelSettings = field(default_factory=ModelSettings)
+
+
+_FORMAT_RETRY = "(output format)"
+
+
+class Agent:
+    """An agent: a model, tools, and the loop that connects them.
+
+    Args:
+        model: the backend that answers (`TransformersModel`, `OpenAIModel`, `FunctionModel`, ...).
+        tools: functions (plain or `@tool`), `Tool` objects, or a `Registry`.
+        system_prompt: instructions sent first in every request.
+        max_steps: model requests allowed in one run.
+        retries: default retry budget per tool (and for unparsable output) in one run.
+        usage_limits: caps on requests and tokens.
+        settings: default generation settings.
+        approver: called before each call of a tool marked `requires_approval`.
+        memory: a `memory.Store` (or any `RunStore`): every step is committed as it completes.
+        context: a context policy fitting the history to the model's window before each request.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        tools: Registry | Iterable[Tool | Callable[..., Any]] = (),
+        *,
+        system_prompt: str | None = None,
+        max_steps: int = 20,
+        retries: int = 2,
+        usage_limits: UsageLimits | None = None,
+        settings: ModelSettings | None = None,
+        approver: Approver | None = None,
+        memory: RunStore | None = None,
+        context: ContextFitter | None = None,
+    ) -> None:
+        if not isinstance(model, Model):
+            raise UserError(f"model must be an agent.models.Model, got {type(model).__name__}")
+        if max_steps < 1:
+            raise UserError("max_steps must be at least 1")
+        if retries < 0:
+            raise UserError("retries cannot be negative")
+        self.model = model
+        self.registry = tools if isinstance(tools, Registry) else Registry(tools)
+        self.system_prompt = system_prompt
+        self.max_steps = max_steps
+        self.retries = retries
+        self.usage_limits = usage_limits or UsageLimits()
+        self.settings = settings or ModelSettings()
+        self.approver = approver
+        self.memory = memory
+        self.context = context
+        self._call_ids = itertools.count()
+
+    # ------------------------------------------------------------------ public entry points
+
+    async def run(
+        self,
+        prompt: str | Message,
+        *,
+        images: Iterable[Any] = (),
+        audio: Iterable[Any] = (),
+        history: Sequence[Message] = (),
+        conversation_id: str | None = None,
+        deps: Any = None,
+        settings: ModelSettings | None = None,
+    ) -> RunResult:
+        """Run until the model answers without calling a tool; return the answer and the transcript.
+
+        Args:
+            prompt: the user's text (or a complete user `Message`).
+            images: paths, bytes, PIL images or `ImagePart`s sent with the prompt.
+            audio: paths, bytes, `(samples, rate)` pairs or `AudioPart`s sent with the prompt.
+            history: earlier messages to continue (without a memory store).
+            conversation_id: continue this stored conversation (needs `memory`).
+            deps: anything tools should receive as `ToolContext.deps`.
+            settings: generation settings for this run.
+        """
+        result: RunResult | None = None
+        async for event in self.run_stream(
+            prompt,
+            images=images,
+            audio=audio,
+            history=history,
+            conversation_id=conversation_id,
+            deps=deps,
+            settings=settings,
+        ):
+            if isinstance(event, FinalEvent):
+                result = event.result
+        assert result is not None
+        return result
+
+    def run_sync(self, prompt: str | Message, **kwargs: Any) -> RunResult:
+        """`run` for code without an event loop."""
+        _require_no_loop("run_sync")
+        return asyncio.run(self.run(prompt, **kwargs))
+
+    async def run_stream(
+        self,
+        prompt: str | Message,
+        *,
+        images: Iterable[Any] = (),
+        audio: Iterable[Any] = (),
+        history: Sequence[Message] = (),
+        conversation_id: str | None = None,
+        deps: Any = None,
+        settings: ModelSettings | None = None,
+    ) -> AsyncIterator[AgentEvent]:
+        """Like `run`, yielding typed events as they happen; the last event is a `FinalEvent`."""
+        user = prompt if isinstance(prompt, Message) else Message.user(prompt, images=images, audio=audio)
+        if user.role != "user":
+            raise UserError(f"the prompt must be a user message, got role {user.role!r}")
+        if conversation_id is not None and self.memory is None:
+            raise UserError("conversation_id needs an agent with memory=Store(...)")
+        state = _RunState(messages=[], first_new=0, deps=deps, settings=settings or self.settings)
+        past = list(history)
+        if self.memory is not None:
+            started = await asyncio.to_thread(
+                self.memory.begin_run,
+                conversation_id=conversation_id,
+                new_messages=[user],
+                model_name=self.model.name,
+                system_prompt=self.system_prompt,
+            )
+            state.run_id, state.conversation_id = started.run_id, started.conversation_id
+            past = [*started.history, *past]
+        state.messages = [*self._system(), *past, user]
+        state.first_new = len(state.messages) - 1
+        async for event in self._drive(state):
+            yield event
+
+    async def resume(self, run_id: str, *, deps: Any = None, settings: ModelSettings | None = None) -> RunResult:
+        """Continue an interrupted run from its last committed step; completed tool calls are not repeated."""
+        result: RunResult | None = None
+        async for event in self.resume_stream(run_id, deps=deps, settings=settings):
+            if isinstance(event, FinalEvent):
+                result = event.result
+        assert result is not None
+        return result
+
+    async def resume_stream(
+        self, run_id: str, *, deps: Any = None, settings: ModelSettings | None = None
+    ) -> AsyncIterator[AgentEvent]:
+        """`resume`, yielding events."""
+        if self.memory is None:
+            raise UserError("resume needs an agent with memory=Store(...)")
+        stored = await asyncio.to_thread(self.memory.load_run, run_id)
+        if stored.status == "completed":
+            raise UserError(f"run {run_id} already completed")
+        system = self._system()
+        state = _RunState(
+            messages=[*system, *stored.messages],
+            first_new=len(system) + len(stored.messages) - stored.new_message_count,
+            step=stored.next_step,
+            usage=stored.usage,
+            run_id=stored.run_id,
+            conversation_id=stored.conversation_id,
+            deps=deps,
+            settings=settings or self.settings,
+        )
+        async for event in self._drive(state):
+            yield event
+
+    # ------------------------------------------------------------------ the loop
+
+    def _system(self) -> list[Message]:
+        return [Message.system(self.system_prompt)] if self.system_prompt else []
+
+    async def _drive(self, state: _RunState) -> AsyncIterator[AgentEvent]:
+        try:
+            async for event in self._steps(state):
+                yield event
+        except MMAgentError as exc:
+            await self._end(state, "failed", f"{type(exc).__name__}: {exc}")
+            raise
+        except BaseException as exc:  # cancelled or crashed: the committed steps stay resumable
+            if not isinstance(exc, asyncio.CancelledError | GeneratorExit | KeyboardInterrupt):
+                await self._end(state, "failed", f"{type(exc).__name__}: {exc}")
+            raise
+
+    async def _steps(self, state: _RunState) -> AsyncIterator[AgentEvent]:
+        tools = self.registry.definitions()
+        while True:
+            last = state.messages[-1]
+            if last.role == "assistant" and last.tool_calls:
+                async for event in self._run_tools(state, last):
+                    yield event
+                state.step += 1
+                continue
+            if last.role == "assistant":  # resumed after the final answer was committed
+                yield await self._finish(state, last)
+                return
+            if state.step >= self.max_steps:
+                raise MaxStepsExceeded(f"no final answer after {self.max_steps} steps", state.messages)
+            self._check_request_limits(state)
+            response: ModelResponse | None = None
+            to_send = state.messages
+            if self.context is not None:
+                to_send = await asyncio.to_thread(self.context.fit, state.messages, tools, self.model)
+            async for item in self.model.request_stream(to_send, tools, state.settings):
+                if isinstance(item, TextDelta):
+                    yield TextDeltaEvent(item.text, state.step)
+                else:
+                    response = item
+            if response is None:
+                raise MMAgentError(f"{self.model.name} ended its stream without a response")
+            state.messages.append(response.message)
+            state.usage = state.usage + response.usage
+            await self._commit(state, "model", [response.message])
+            yield ModelResponseEvent(response, state.step)
+            yield UsageEvent(state.usage, state.step)
+            self._check_token_limits(state)
+            if response.parse_errors:
+                retries = [
+                    RetryPart(message=_format_retry(error), name=_FORMAT_RETRY) for error in response.parse_errors
+                ]
+                for retry in retries:
+                    self._count_retry(state, retry)
+                    yield RetryEvent(retry, state.step)
+                if not response.message.tool_calls:
+                    message = Message(role="user", parts=tuple(retries))
+                    state.messages.append(message)
+                    await self._commit(state, "tools", [message])
+                    state.step += 1
+                continue
+            if not response.message.tool_calls:
+                yield await self._finish(state, response.message)
+                return
+
+    async def _run_tools(self, state: _RunState, assistant: Message) -> AsyncIterator[AgentEvent]:
+        calls = assistant.tool_calls
+        state.tool_calls += len(calls)
+        limit = self.usage_limits.max_tool_calls
+        if limit is not None and state.tool_calls > limit:
+            raise UsageLimitExceeded(f"tool call limit of {limit} reached", state.messages)
+        for call in calls:
+            yield ToolCallEvent(call, state.step)
+        tasks = [asyncio.ensure_future(self._execute(state, call)) for call in calls]
+        try:
+            for finished in asyncio.as_completed(tasks):
+                outcome = await finished
+                if isinstance(outcome, RetryPart):
+                    self._count_retry(state, outcome)
+                    yield RetryEvent(outcome, state.step)
+                else:
+                    yield ToolResultEvent(outcome, state.step)
+        finally:
+            for task in tasks:
+                task.cancel()
+        parts: list[Part] = [task.result() for task in tasks]
+        message = Message(role="tool", parts=tuple(parts))
+        state.messages.append(message)
+        await self._commit(state, "tools", [message])
+
+    async def _execute(self, state: _RunState, call: ToolCallPart) -> ToolResultPart | RetryPart:
+        ctx = ToolContext(
+            call_id=call.id,
+            tool_name=call.name,
+            step=state.step,
+            run_id=state.run_id,
+            conversation_id=state.conversation_id,
+            deps=state.deps,
+            memory=self.memory,
+        )
+        return await self.registry.execute(call, ctx, self.approver)
+
+    def _count_retry(self, state: _RunState, retry: RetryPart) -> None:
+        name = retry.name or _FORMAT_RETRY
+        count = state.retries.get(name, 0) + 1
+        state.retries[name] = count
+        t = self.registry.get(name)
+        budget = t.retries if t is not None and t.retries is not None else self.retries
+        if count > budget:
+            what = "the model's output could not be parsed" if name == _FORMAT_RETRY else f"tool {name!r}"
+            raise RetryBudgetExceeded(
+                f"{what} needed more than {budget} retries; last error: {retry.message}", state.messages
+            )
+
+    def _check_request_limits(self, state: _RunState) -> None:
+        limit = self.usage_limits.max_requests
+        if limit is not None and state.usage.requests >= limit:
+            raise UsageLimitExceeded(f"request limit of {limit} reached", state.messages)
+
+    def _check_token_limits(self, state: _RunState) -> None:
+        u, lim = state.usage, self.usage_limits
+        for value, cap, what in (
+            (u.input_tokens, lim.max_input_tokens, "input"),
+            (u.output_tokens, lim.max_output_tokens, "output"),
+            (u.total_tokens, lim.max_total_tokens, "total"),
+        ):
+            if cap is not None and value > cap:
+                raise UsageLimitExceeded(f"{what} token limit of {cap} exceeded ({value})", state.messages)
+
+    async def _finish(self, state: _RunState, final: Message) -> FinalEvent:
+        await self._end(state, "completed", None)
+        result = RunResult(
+            output=final.text,
+            messages=list(state.messages),
+            new_messages=state.messages[state.first_new :],
+            usage=state.usage,
+            run_id=state.run_id,
+            conversation_id=state.conversation_id,
+            model_name=self.model.name,
+        )
+        return FinalEvent(result, state.step)
+
+    async def _commit(self, state: _RunState, phase: Any, messages: list[Message]) -> None:
+        if self.memory is not None and state.run_id is not None:
+            await asyncio.to_thread(self.memory.commit_step, state.run_id, state.step, phase, messages, state.usage)
+
+    async def _end(self, state: _RunState, status: Any, error: str | None) -> None:
+        if self.memory is not None and state.run_id is not None:
+            await asyncio.to_thread(self.memory.end_run, state.run_id, status, error)
+
+
+def _format_retry(error: str) -> str:
+    return f"Your last reply could not be read as tool calls: {error}. Answer in text, or call a tool again."
+
+
+def _require_no_loop(what: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise UserError(f"{what} cannot be called from a running event loop: use `await agent.run(...)`")

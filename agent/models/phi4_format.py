@@ -1,0 +1,334 @@
+"""Phi-4 chat format: rendering a history into the prompt text, parsing completions back into parts.
+
+Pure functions, no torch. The prompt has no newlines between turns:
+
+```
+<|system|>{system}<|tool|>[tool definitions as JSON]<|/tool|><|end|><|user|>{media}{text}<|end|>
+<|assistant|>{text}<|tool_call|>[{"name": ..., "arguments": {...}}]<|/tool_call|><|end|>
+<|tool_response|>{result}<|end|><|assistant|>
+```
+
+For tool-free histories the text equals the model's official chat template byte for byte (provided the
+text holds no `<|`; see below).
+
+Security: every piece of text that does not come from this renderer (system prompt, user text, tool
+results, earlier assistant text, JSON values) is escaped so that it can never tokenize into one of
+Phi-4's control or tool tokens: `<|` becomes `<` + U+200B + `|` in plain text, and `<\\u007c` inside JSON
+strings (the same JSON value). All added tokens start with `<|`, so no untrusted run can contain one.
+
+Parsing accepts the three formats seen in the wild: `<|tool_call|>{json}<|/tool_call|>` (one object or a
+list, closing tag optional), `functools[...]`, and a bare JSON list or object of calls. Text around calls is
+kept. Malformed calls become errors for a retry request; `parse_completion` never raises.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.messages import (
+    AudioPart,
+    ImagePart,
+    Message,
+    Part,
+    RetryPart,
+    TextPart,
+    ToolCallPart,
+    ToolDefinition,
+    ToolResultPart,
+)
+from agent.models import ParsedCompletion
+
+__all__ = [
+    "ASSISTANT",
+    "AUDIO_PLACEHOLDER",
+    "END",
+    "IMAGE_PLACEHOLDER",
+    "RenderedPrompt",
+    "escape_json",
+    "escape_text",
+    "parse_completion",
+    "render_prompt",
+    "render_tools",
+]
+
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+TOOL, TOOL_END = "<|tool|>", "<|/tool|>"
+TOOL_CALL, TOOL_CALL_END = "<|tool_call|>", "<|/tool_call|>"
+TOOL_RESPONSE = "<|tool_response|>"
+EOS = "<|endoftext|>"
+IMAGE_PLACEHOLDER = "<|image|>"
+AUDIO_PLACEHOLDER = "<|audio|>"
+
+_ZWSP = "\u200b"
+
+
+def escape_text(text: str) -> str:
+    """Make untrusted text unable to form any `<|...|>` token."""
+    return text.replace("<|", "<" + _ZWSP + "|")
+
+
+def escape_json(value: Any) -> str:
+    """JSON for the prompt: compact, non-ASCII kept, `<|` written as `<\\u007c` (same value when decoded)."""
+    return json.dumps(value, ensure_ascii=False).replace("<|", "<\\u007c")
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedPrompt:
+    """Prompt text with one placeholder per image/audio clip, and the media in placeholder order."""
+
+    text: str
+    images: tuple[ImagePart, ...]
+    audio: tuple[AudioPart, ...]
+    control_tokens: int  # how many control/tool tokens the renderer itself emitted (for the injection check)
+
+
+def render_tools(tools: Sequence[ToolDefinition]) -> str:
+    """The JSON list placed between `<|tool|>` and `<|/tool|>`."""
+    return escape_json([{"name": t.name, "description": t.description, "parameters": t.parameters} for t in tools])
+
+
+class _Out:
+    def __init__(self, image_token: str, audio_token: str) -> None:
+        self.chunks: list[str] = []
+        self.images: list[ImagePart] = []
+        self.audio: list[AudioPart] = []
+        self.controls = 0
+        self.image_token, self.audio_token = image_token, audio_token
+
+    def control(self, token: str) -> None:
+        self.chunks.append(token)
+        self.controls += 1
+
+    def text(self, text: str) -> None:
+        self.chunks.append(escape_text(text))
+
+    def media(self, part: ImagePart | AudioPart) -> None:
+        if isinstance(part, ImagePart):
+            self.images.append(part)
+            self.chunks.append(self.image_token)
+        else:
+            self.audio.append(part)
+            self.chunks.append(self.audio_token)
+
+    def content(self, parts: Sequence[Part]) -> None:
+        """Text parts (adjacent ones joined before escaping) and media placeholders, in order."""
+        pending: list[str] = []
+        for part in parts:
+            if isinstance(part, TextPart):
+                pending.append(part.text)
+            elif isinstance(part, RetryPart):
+                pending.append(part.message)
+            elif isinstance(part, ImagePart | AudioPart):
+                if pending:
+                    self.text("".join(pending))
+                    pending = []
+                self.media(part)
+        if pending:
+            self.text("".join(pending))
+
+
+def render_prompt(
+    messages: Sequence[Message],
+    tools: Sequence[ToolDefinition] = (),
+    *,
+    add_generation_prompt: bool = True,
+    image_token: str = IMAGE_PLACEHOLDER,
+    audio_token: str = AUDIO_PLACEHOLDER,
+) -> RenderedPrompt:
+    """Render a history in Phi-4's chat format.
+
+    Tool definitions go into the (first) system turn; when there is no system message but there are
+    tools, an empty system turn carries them.
+    """
+    out = _Out(image_token, audio_token)
+    tools_pending = bool(tools)
+    if tools_pending and (not messages or messages[0].role != "system"):
+        _system(out, "", tools)
+        tools_pending = False
+    for message in messages:
+        if message.role == "system":
+            _system(out, message.text, tools if tools_pending else ())
+            tools_pending = False
+        elif message.role == "user":
+            out.control(USER)
+            out.content(message.parts)
+            out.control(END)
+        elif message.role == "assistant":
+            out.control(ASSISTANT)
+            text = message.text
+            if text:
+                out.text(text)
+            calls = message.tool_calls
+            if calls:
+                out.control(TOOL_CALL)
+                out.chunks.append(escape_json([{"name": c.name, "arguments": c.arguments} for c in calls]))
+                out.control(TOOL_CALL_END)
+            out.control(END)
+        else:
+            several = len(message.parts) > 1
+            for part in message.parts:
+                out.control(TOOL_RESPONSE)
+                if isinstance(part, ToolResultPart):
+                    prefix = f"[{part.name}] " if several else ""
+                    prefix += "Error: " if part.is_error else ""
+                    out.content([TextPart(text=prefix), *part.content] if prefix else part.content)
+                elif isinstance(part, RetryPart):
+                    name = f"[{part.name}] " if several and part.name else ""
+                    out.text(f"{name}Error: {part.message}")
+                out.control(END)
+    if add_generation_prompt:
+        out.control(ASSISTANT)
+    return RenderedPrompt("".join(out.chunks), tuple(out.images), tuple(out.audio), out.controls)
+
+
+def _system(out: _Out, text: str, tools: Sequence[ToolDefinition]) -> None:
+    out.control(SYSTEM)
+    out.text(text)
+    if tools:
+        out.control(TOOL)
+        out.chunks.append(render_tools(tools))
+        out.control(TOOL_END)
+    out.control(END)
+
+
+# ---------------------------------------------------------------- parsing
+
+_DECODER = json.JSONDecoder()
+_TRAILERS = (END, EOS)
+_FUNCTOOLS = re.compile(r"functools\s*(?=\[)")
+_CALL_START = re.compile(r"\[\s*\{\s*\"name\"|\{\s*\"name\"")
+
+
+def _new_id() -> str:
+    return f"call_{uuid.uuid4().hex[:16]}"
+
+
+def _to_calls(value: Any) -> tuple[list[ToolCallPart], list[str]]:
+    items = value if isinstance(value, list) else [value]
+    calls: list[ToolCallPart] = []
+    errors: list[str] = []
+    for item in items:
+        if not isinstance(item, dict):
+            errors.append(f"a tool call must be a JSON object with 'name' and 'arguments', got {_clip(item)}")
+            continue
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            errors.append(f"a tool call needs a string 'name', got {_clip(item)}")
+            continue
+        args = item.get("arguments", item.get("parameters", {}))
+        if isinstance(args, str):  # OpenAI-style arguments as a JSON string
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError as exc:
+                errors.append(f"arguments of {name!r} are not valid JSON: {exc.msg}")
+                continue
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            errors.append(f"arguments of {name!r} must be a JSON object, got {_clip(args)}")
+            continue
+        call_id = item.get("id")
+        calls.append(
+            ToolCallPart(id=call_id if isinstance(call_id, str) and call_id else _new_id(), name=name, arguments=args)
+        )
+    return calls, errors
+
+
+def _clip(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _decode_at(text: str, pos: int) -> tuple[Any, int] | str:
+    try:
+        return _DECODER.raw_decode(text, pos)
+    except json.JSONDecodeError as exc:
+        return f"invalid JSON in tool call: {exc.msg} at character {exc.pos - pos}"
+    except RecursionError:
+        return "invalid JSON in tool call: nested too deeply"
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def parse_completion(raw: str) -> ParsedCompletion:
+    """Read a Phi-4 completion into text and tool-call parts. Never raises."""
+    try:
+        return _parse(raw)
+    except Exception as exc:  # defensive: a parser bug must not stop the loop
+        return ParsedCompletion(parts=(TextPart(text=raw),) if raw else (), errors=(f"unreadable output: {exc}",))
+
+
+def _parse(raw: str) -> ParsedCompletion:
+    text = raw
+    changed = True
+    while changed:  # strip end-of-turn tokens and trailing whitespace
+        changed = False
+        stripped = text.rstrip()
+        for trailer in _TRAILERS:
+            if stripped.endswith(trailer):
+                stripped = stripped[: -len(trailer)]
+                changed = True
+        text = stripped if changed else text
+    texts: list[str] = []
+    calls: list[ToolCallPart] = []
+    errors: list[str] = []
+
+    if TOOL_CALL in text:
+        pos = 0
+        while True:
+            start = text.find(TOOL_CALL, pos)
+            if start < 0:
+                texts.append(text[pos:])
+                break
+            texts.append(text[pos:start])
+            body_start = start + len(TOOL_CALL)
+            end = text.find(TOOL_CALL_END, body_start)
+            body_end = end if end >= 0 else len(text)
+            body = text[body_start:body_end]
+            decoded = _decode_at(body, _skip_ws(body, 0))
+            if isinstance(decoded, str):
+                errors.append(decoded)
+            else:
+                value, stop = decoded
+                found, bad = _to_calls(value)
+                calls.extend(found)
+                errors.extend(bad)
+                rest = body[stop:].strip()
+                if rest:
+                    errors.append(f"unexpected text after the JSON inside {TOOL_CALL}: {_clip(rest)}")
+            pos = body_end + len(TOOL_CALL_END) if end >= 0 else len(text)
+    else:
+        match = _FUNCTOOLS.search(text)
+        start = match.end() if match else -1
+        if start < 0:
+            bare = _CALL_START.search(text)
+            stripped = text.lstrip()
+            if bare and bare.start() == len(text) - len(stripped):  # only at the very beginning
+                start = bare.start()
+        if start < 0:
+            texts.append(text)
+        else:
+            texts.append(text[: match.start()] if match else text[:start])
+            decoded = _decode_at(text, start)
+            if isinstance(decoded, str):
+                errors.append(decoded)
+                texts.append(text[start:])
+            else:
+                value, stop = decoded
+                found, bad = _to_calls(value)
+                calls.extend(found)
+                errors.extend(bad)
+                texts.append(text[stop:])
+    joined = "".join(texts).strip()
+    parts: list[Part] = [TextPart(text=joined)] if joined else []
+    parts.extend(calls)
+    return ParsedCompletion(parts=tuple(parts), errors=tuple(errors))

@@ -1,0 +1,1 @@
+"""Conversation memory (see `memory.Store`)."""
