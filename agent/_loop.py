@@ -29,7 +29,8 @@ from agent.exceptions import (
 from agent.messages import Message, Part, RetryPart, ToolCallPart, ToolResultPart
 from agent.models import Model, ModelResponse, ModelSettings, TextDelta, Usage
 from agent.protocols import ContextFitter, RunStore
-from tools import Approver, Registry, Tool, ToolContext
+from tools._context import ToolContext
+from tools._registry import Approver, Registry, Tool
 
 __all__ = ["Agent", "UsageLimits"]
 
@@ -57,6 +58,7 @@ class _RunState:
     conversation_id: str | None = None
     deps: Any = None
     settings: ModelSettings = field(default_factory=ModelSettings)
+    pending: list[RetryPart] = field(default_factory=list)  # format errors beside valid calls
 
 
 _FORMAT_RETRY = "(output format)"
@@ -274,13 +276,16 @@ class Agent:
                     RetryPart(message=_format_retry(error), name=_FORMAT_RETRY) for error in response.parse_errors
                 ]
                 for retry in retries:
-                    self._count_retry(state, retry)
                     yield RetryEvent(retry, state.step)
-                if not response.message.tool_calls:
-                    message = Message(role="user", parts=tuple(retries))
-                    state.messages.append(message)
-                    await self._commit(state, "tools", [message])
-                    state.step += 1
+                if response.message.tool_calls:  # sent with the results of the calls that did parse
+                    state.pending.extend(retries)
+                    continue
+                message = Message(role="user", parts=tuple(retries))
+                state.messages.append(message)
+                await self._commit(state, "tools", [message])
+                state.step += 1
+                for retry in retries:
+                    self._count_retry(state, retry)
                 continue
             if not response.message.tool_calls:
                 yield await self._finish(state, response.message)
@@ -299,7 +304,6 @@ class Agent:
             for finished in asyncio.as_completed(tasks):
                 outcome = await finished
                 if isinstance(outcome, RetryPart):
-                    self._count_retry(state, outcome)
                     yield RetryEvent(outcome, state.step)
                 else:
                     yield ToolResultEvent(outcome, state.step)
@@ -307,9 +311,14 @@ class Agent:
             for task in tasks:
                 task.cancel()
         parts: list[Part] = [task.result() for task in tasks]
+        parts.extend(state.pending)
+        state.pending.clear()
         message = Message(role="tool", parts=tuple(parts))
         state.messages.append(message)
         await self._commit(state, "tools", [message])
+        for part in parts:  # budgets are checked once the results are part of the transcript
+            if isinstance(part, RetryPart):
+                self._count_retry(state, part)
 
     async def _execute(self, state: _RunState, call: ToolCallPart) -> ToolResultPart | RetryPart:
         ctx = ToolContext(

@@ -43,11 +43,25 @@ def call(name: str, **arguments: Any) -> ToolCallPart:
 
 
 def _estimate_tokens(messages: Sequence[Message]) -> int:
-    total = 0
-    for m in messages:
-        for p in m.parts:
-            total += 1 + (len(p.text.split()) if isinstance(p, TextPart) else 8)
-    return total
+    """A rough count: words of text plus 8 per non-text part."""
+    return sum(1 + (len(p.text.split()) if isinstance(p, TextPart) else 8) for m in messages for p in m.parts)
+
+
+class _PrefixCount:
+    """Counts a growing history in O(new messages): the agent loop only ever appends between requests."""
+
+    def __init__(self) -> None:
+        self._last: Message | None = None
+        self._length = 0
+        self._total = 0
+
+    def __call__(self, messages: Sequence[Message]) -> int:
+        n = self._length
+        if not (0 < n <= len(messages) and messages[n - 1] is self._last):
+            n, self._total = 0, 0
+        self._total += _estimate_tokens(messages[n:])
+        self._length, self._last = len(messages), (messages[-1] if messages else None)
+        return self._total
 
 
 class FunctionModel(Model):
@@ -61,6 +75,7 @@ class FunctionModel(Model):
         self.function = function
         self._name = name
         self.requests: list[list[Message]] = []
+        self._count = _PrefixCount()
 
     @property
     def name(self) -> str:
@@ -85,7 +100,7 @@ class FunctionModel(Model):
             message = Message(role="assistant", parts=tuple(out))
         return ModelResponse(
             message=message,
-            usage=Usage(requests=1, input_tokens=_estimate_tokens(history), output_tokens=_estimate_tokens([message])),
+            usage=Usage(requests=1, input_tokens=self._count(history), output_tokens=_estimate_tokens([message])),
             model_name=self._name,
         )
 

@@ -34,6 +34,30 @@ def _is_context(annotation: Any) -> bool:
     return inspect.isclass(target) and issubclass(target, ToolContext)
 
 
+def _resolve_hints(fn: Callable[..., Any], sig: inspect.Signature, problems: list[str]) -> dict[str, Any]:
+    """Type hints per parameter; unresolvable ones are reported by name instead of failing the whole tool."""
+    try:
+        hints = typing.get_type_hints(fn, include_extras=True)
+        return {p: hints.get(p, Any) for p in sig.parameters}
+    except Exception:
+        pass
+    namespace = dict(getattr(fn, "__globals__", {}))
+    resolved: dict[str, Any] = {}
+    for pname, param in sig.parameters.items():
+        annotation = param.annotation
+        if annotation is inspect.Parameter.empty:
+            resolved[pname] = Any
+            continue
+        try:
+            resolved[pname] = eval(annotation, namespace) if isinstance(annotation, str) else annotation
+        except Exception as exc:
+            problems.append(
+                f"parameter {pname!r}: cannot resolve type {annotation!r} ({exc}); "
+                "types used by tools must be importable at module level"
+            )
+    return resolved
+
+
 def analyse(fn: Callable[..., Any], name: str, description: str | None) -> SignatureInfo:
     """Build the schema and validator; gather every problem and raise `ToolDefinitionError` once."""
     problems: list[str] = []
@@ -41,10 +65,7 @@ def analyse(fn: Callable[..., Any], name: str, description: str | None) -> Signa
         sig = inspect.signature(fn)
     except (TypeError, ValueError) as exc:
         raise ToolDefinitionError(name, [f"cannot read the signature of {fn!r}: {exc}"]) from exc
-    try:
-        hints = typing.get_type_hints(fn, include_extras=True)
-    except Exception as exc:
-        raise ToolDefinitionError(name, [f"cannot resolve type hints: {exc}"]) from exc
+    hints = _resolve_hints(fn, sig, problems)
 
     doc = docstring_parser.parse(inspect.getdoc(fn) or "")
     param_docs = {p.arg_name: p.description for p in doc.params if p.description}
@@ -54,7 +75,9 @@ def analyse(fn: Callable[..., Any], name: str, description: str | None) -> Signa
     context_param: str | None = None
     positional: list[str] = []
     for index, (pname, param) in enumerate(sig.parameters.items()):
-        annotation = hints.get(pname, Any)
+        if pname not in hints:
+            continue  # could not be resolved: already reported
+        annotation = hints[pname]
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             problems.append(f"parameter {pname!r}: *args/**kwargs cannot be described to a model")
             continue
@@ -71,7 +94,7 @@ def analyse(fn: Callable[..., Any], name: str, description: str | None) -> Signa
             info = Field(default=default, description=param_docs[pname])
         fields[pname] = (annotation, info)
         try:  # check each parameter alone, so the error names it
-            create_model("_Check", **{pname: (annotation, FieldInfo.merge_field_infos(info))}).model_json_schema()
+            create_model("_Check", **{pname: (annotation, FieldInfo.merge_field_infos(info))}).model_json_schema()  # type: ignore[call-overload]
         except (PydanticUserError, TypeError, ValueError, AttributeError) as exc:
             first = str(exc).strip().splitlines()[0]
             problems.append(f"parameter {pname!r} of type {annotation!r} has no JSON schema: {first}")
