@@ -1,0 +1,85 @@
+"""Schema migrations: plain functions, applied in order on open, recorded in `mm_schema_version`.
+
+Migration `n` (1-based) moves a database from version `n - 1` to `n`. All pending migrations run in one
+write transaction (SQLite `BEGIN IMMEDIATE`, a PostgreSQL advisory lock), so processes opening a fresh
+database at the same moment migrate it exactly once. A database whose version is newer than the last
+migration here is refused with `SchemaVersionError`.
+
+To change the schema: edit the tables in `_schema.py` and append a migration that alters an existing
+database to match (new databases run every migration in turn, so migration 1 must never create columns
+added later; the schema test compares a migrated database with `_schema.metadata`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+
+from sqlalchemy import Column, Connection, Integer, MetaData, Table, func, inspect, select, text
+
+from agent.exceptions import SchemaVersionError
+from memory import _schema
+
+version_table = Table(
+    _schema.SCHEMA_VERSION_TABLE,
+    MetaData(),
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("applied_at", _schema.UTCDateTime, nullable=False),
+)
+
+
+def _m1_initial(conn: Connection) -> None:
+    """Conversations, runs, steps, messages, parts, artifacts, and the full-text index."""
+    _schema.metadata.create_all(conn)
+    if conn.dialect.name == "sqlite":
+        # External-content FTS5 over text parts, kept in sync by triggers (cascading deletes fire them too).
+        conn.exec_driver_sql(
+            f"CREATE VIRTUAL TABLE {_schema.FTS_TABLE} USING fts5(text, content='mm_parts', content_rowid='id', "
+            "tokenize='porter unicode61 remove_diacritics 2')"
+        )
+        fts = _schema.FTS_TABLE
+        new_text = "new.kind = 'text' AND new.text IS NOT NULL"
+        old_text = "old.kind = 'text' AND old.text IS NOT NULL"
+        add = f"INSERT INTO {fts}(rowid, text) SELECT new.id, new.text WHERE {new_text};"
+        remove = f"INSERT INTO {fts}({fts}, rowid, text) SELECT 'delete', old.id, old.text WHERE {old_text};"
+        conn.exec_driver_sql(f"CREATE TRIGGER mm_parts_fts_ai AFTER INSERT ON mm_parts BEGIN {add} END")
+        conn.exec_driver_sql(f"CREATE TRIGGER mm_parts_fts_ad AFTER DELETE ON mm_parts BEGIN {remove} END")
+        conn.exec_driver_sql(f"CREATE TRIGGER mm_parts_fts_au AFTER UPDATE ON mm_parts BEGIN {remove} {add} END")
+    elif conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(
+            "CREATE INDEX mm_parts_fts ON mm_parts USING GIN "
+            f"(to_tsvector('{_schema.PG_FTS_CONFIG}', left(text, {_schema.PG_FTS_MAX_CHARS}))) WHERE kind = 'text'"
+        )
+
+
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_m1_initial,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def current_version(conn: Connection) -> int:
+    """The database's schema version (0 for a database mmagent never touched)."""
+    if not inspect(conn).has_table(_schema.SCHEMA_VERSION_TABLE):
+        return 0
+    return int(conn.execute(select(func.coalesce(func.max(version_table.c.version), 0))).scalar_one())
+
+
+def check_supported(version: int, where: str) -> None:
+    """Refuse a database written by a newer mmagent."""
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"the memory store at {where} has schema version {version}, but this mmagent knows versions up to "
+            f"{SCHEMA_VERSION}: upgrade mmagent to open it (the database was left unchanged)"
+        )
+
+
+def migrate(conn: Connection, where: str) -> int:
+    """Apply pending migrations inside the caller's write transaction; return the resulting version."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('mmagent.memory.migrate'))"))
+    version_table.create(conn, checkfirst=True)
+    version = current_version(conn)
+    check_supported(version, where)
+    for number in range(version + 1, SCHEMA_VERSION + 1):
+        MIGRATIONS[number - 1](conn)
+        conn.execute(version_table.insert().values(version=number, applied_at=dt.datetime.now(dt.UTC)))
+    return SCHEMA_VERSION

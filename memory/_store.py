@@ -1,0 +1,758 @@
+"""`Store`: conversations, runs and content-addressed artifacts in one SQL database."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import os
+import uuid
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Literal
+
+from sqlalchemy import Connection, Text, bindparam, delete, exists, func, insert, select, text, type_coerce, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from agent.exceptions import StoreError, UserError
+from agent.messages import AudioPart, ImagePart, Message, ToolResultPart, from_openai, to_openai
+from agent.models import Usage
+from agent.protocols import Phase, StartedRun, StoredRun
+from memory import _migrations, _search
+from memory import _schema as s
+from memory._blobs import BlobFiles
+from memory._codec import Artifact, Encoded, decode, encode, media_part
+from memory._engine import Database, open_database
+from memory._values import ConversationInfo, RunInfo, RunStatus, SearchHit
+
+MiB = 1 << 20
+EXPORT_FORMAT = "mmagent.conversation/1"
+_ARTIFACT_LOCK = "hashtext('mmagent.memory.artifacts')"
+_CHUNK = 500
+_TITLE_CHARS = 80
+_UNSET: Any = object()
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _chunks(items: Sequence[str], size: int = _CHUNK) -> Iterator[Sequence[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _usage_json(usage: Usage) -> dict[str, int]:
+    return {k: v for k, v in dataclasses.asdict(usage).items() if v}  # zeros left out: small rows
+
+
+def _usage(data: Mapping[str, Any] | None) -> Usage:
+    fields = {f.name for f in dataclasses.fields(Usage)}
+    return Usage(**{k: int(v) for k, v in (data or {}).items() if k in fields})
+
+
+def _title(messages: Sequence[Message]) -> str | None:
+    for message in messages:
+        if message.role == "user" and message.text.strip():
+            line = message.text.strip().splitlines()[0]
+            return line if len(line) <= _TITLE_CHARS else line[: _TITLE_CHARS - 1] + "…"
+    return None
+
+
+class Store:
+    """Conversations, runs and media in SQLite (default) or any SQLAlchemy database; implements `RunStore`.
+
+    Every message, part and step is committed as it happens, each write in one transaction. Media bytes are
+    stored once per sha256 and referenced from parts; values handed back are plain `agent.messages`
+    values, equal to what was stored, with no database ids in them.
+
+    The constructor opens the database and applies pending schema migrations (creating the tables in a new
+    or empty database); it does nothing else. Use it as a context manager or call `close()`. A store is
+    safe to use from many threads; open one per process (connections do not survive `fork`). Any number of
+    processes may share one SQLite file or PostgreSQL database.
+
+    Args:
+        url: a file path or `sqlite:///path` (SQLite with WAL, foreign keys and a busy timeout),
+            `":memory:"`, or any SQLAlchemy URL, e.g. `postgresql+psycopg://user@host/db` for many
+            application servers sharing one store.
+        max_artifact_bytes: the largest image or audio clip accepted; larger ones raise `MediaError`.
+        file_artifacts_over: SQLite files only: artifacts of at least this many bytes are kept as files in
+            the directory `<database>.artifacts/` next to it (named by hash) instead of inside the database.
+            None keeps everything in the database.
+        busy_timeout: seconds a writer waits for another process's write to finish (SQLite).
+        durable: SQLite: commit with `synchronous=FULL` (survives power loss) rather than NORMAL (survives
+            any process crash, faster).
+        echo: log every SQL statement (SQLAlchemy's `echo`).
+
+    Raises:
+        SchemaVersionError: the database was written by a newer mmagent.
+        StoreError: the database cannot be opened or migrated.
+        UserError: the URL is malformed or its driver is not installed.
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        *,
+        max_artifact_bytes: int = 64 * MiB,
+        file_artifacts_over: int | None = None,
+        busy_timeout: float = 30.0,
+        durable: bool = True,
+        echo: bool = False,
+    ) -> None:
+        if max_artifact_bytes < 1:
+            raise UserError(f"max_artifact_bytes must be positive, got {max_artifact_bytes}")
+        if busy_timeout < 0:
+            raise UserError(f"busy_timeout cannot be negative, got {busy_timeout}")
+        self.max_artifact_bytes = max_artifact_bytes
+        self._db: Database | None = open_database(url, busy_timeout=busy_timeout, durable=durable, echo=echo)
+        self._file_threshold = file_artifacts_over
+        if file_artifacts_over is not None and self._db.path is None:
+            self._db.engine.dispose()
+            raise UserError("file_artifacts_over needs an SQLite database file (artifacts go next to it)")
+        path = self._db.path
+        # Files are always readable next to an SQLite file; new ones are written only with the threshold set.
+        self._files = BlobFiles(path.with_name(path.name + ".artifacts")) if path is not None else None
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        db = self._database
+        with db.transaction(write=False) as conn:
+            version = _migrations.current_version(conn)
+        _migrations.check_supported(version, db.where)
+        if version < _migrations.SCHEMA_VERSION:
+            with db.transaction(write=True) as conn:
+                _migrations.migrate(conn, db.where)
+
+    @property
+    def _database(self) -> Database:
+        if self._db is None:
+            raise StoreError("the memory store is closed")
+        return self._db
+
+    @property
+    def url(self) -> str:
+        """Where the store lives (a file path, `:memory:`, or the URL without its password)."""
+        return self._database.where
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version this store was migrated to."""
+        return _migrations.SCHEMA_VERSION
+
+    def close(self) -> None:
+        """Release every connection. Further calls raise `StoreError`."""
+        if self._db is not None:
+            self._db.engine.dispose()
+            self._db = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({self._db.where if self._db else 'closed'!r})"
+
+    # ------------------------------------------------------------------ RunStore
+
+    def begin_run(
+        self,
+        *,
+        conversation_id: str | None,
+        new_messages: Sequence[Message],
+        model_name: str,
+        system_prompt: str | None,
+    ) -> StartedRun:
+        """Create a run (and a conversation when `conversation_id` is None) and commit its first messages.
+
+        Raises:
+            UserError: `conversation_id` names no stored conversation.
+        """
+        encoded = encode(new_messages, self.max_artifact_bytes)
+        run_id, now = uuid.uuid4().hex, _now()
+        with self._database.transaction(write=True) as conn:
+            if conversation_id is None:
+                conversation_id = self._create(conn, None, _title(new_messages), {}, now)
+                history: list[Message] = []
+            else:
+                self._lock_conversation(conn, conversation_id)
+                history = self._load(conn, conversation_id)
+            start = self._next_position(conn, conversation_id)
+            conn.execute(
+                insert(s.runs).values(
+                    id=run_id,
+                    conversation_id=conversation_id,
+                    status="running",
+                    model_name=model_name,
+                    system_prompt=system_prompt,
+                    usage=_usage_json(Usage()),
+                    first_position=start,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            self._insert(conn, conversation_id, start, encoded, now, run_id=run_id)
+        return StartedRun(run_id=run_id, conversation_id=conversation_id, history=history)
+
+    def commit_step(self, run_id: str, step: int, phase: Phase, messages: Sequence[Message], usage: Usage) -> None:
+        """Commit one phase of a step (the model's message, or the tool results) with the cumulative usage.
+
+        Raises:
+            UserError: unknown run, a completed run, or a step phase committed twice.
+        """
+        if phase not in ("model", "tools"):
+            raise UserError(f"phase must be 'model' or 'tools', got {phase!r}")
+        encoded = encode(messages, self.max_artifact_bytes)
+        now = _now()
+        with self._database.transaction(write=True) as conn:
+            run = self._run_row(conn, run_id)
+            if run.status == "completed":
+                raise UserError(f"run {run_id} is already completed: it takes no more steps")
+            self._lock_conversation(conn, run.conversation_id)
+            done = conn.execute(
+                select(func.count())
+                .select_from(s.steps)
+                .where(s.steps.c.run_id == run_id, s.steps.c.step == step, s.steps.c.phase == phase)
+            ).scalar_one()
+            if done:
+                raise UserError(f"step {step} ({phase}) of run {run_id} is already committed")
+            conn.execute(
+                insert(s.steps).values(
+                    run_id=run_id, step=step, phase=phase, usage=_usage_json(usage), committed_at=now
+                )
+            )
+            start = self._next_position(conn, run.conversation_id)
+            self._insert(conn, run.conversation_id, start, encoded, now, run_id=run_id, step=step)
+            conn.execute(
+                update(s.runs)
+                .where(s.runs.c.id == run_id)
+                .values(status="running", error=None, finished_at=None, usage=_usage_json(usage), updated_at=now)
+            )
+
+    def end_run(self, run_id: str, status: Literal["completed", "failed"], error: str | None = None) -> None:
+        """Mark a run completed or failed (a failed run can still be resumed)."""
+        if status not in ("completed", "failed"):
+            raise UserError(f"status must be 'completed' or 'failed', got {status!r}")
+        now = _now()
+        with self._database.transaction(write=True) as conn:
+            self._run_row(conn, run_id)
+            conn.execute(
+                update(s.runs)
+                .where(s.runs.c.id == run_id)
+                .values(status=status, error=error, finished_at=now, updated_at=now)
+            )
+
+    def load_run(self, run_id: str) -> StoredRun:
+        """The run's conversation up to its last committed step, and where to continue.
+
+        Raises:
+            UserError: unknown run.
+        """
+        with self._database.transaction(write=False) as conn:
+            run = self._run_row(conn, run_id)
+            last = conn.execute(
+                select(s.steps.c.step, s.steps.c.phase)
+                .where(s.steps.c.run_id == run_id)
+                .order_by(s.steps.c.step.desc(), (s.steps.c.phase == "tools").desc())
+                .limit(1)
+            ).first()
+            m = s.messages.c
+            span = conn.execute(
+                select(func.max(m.position), func.count()).where(
+                    m.conversation_id == run.conversation_id, m.run_id == run_id
+                )
+            ).one()
+            upto = span[0] if span[0] is not None else run.first_position - 1
+            history = self._load(conn, run.conversation_id, upto=upto)
+        next_step = 0 if last is None else last.step + (1 if last.phase == "tools" else 0)
+        return StoredRun(
+            run_id=run_id,
+            conversation_id=run.conversation_id,
+            status=run.status,
+            messages=history,
+            new_message_count=int(span[1]),
+            next_step=next_step,
+            usage=_usage(run.usage),
+        )
+
+    # ------------------------------------------------------------------ conversations
+
+    def create_conversation(
+        self,
+        messages: Sequence[Message] = (),
+        *,
+        title: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        conversation_id: str | None = None,
+    ) -> str:
+        """Store a new conversation (optionally with messages) and return its id.
+
+        Args:
+            messages: messages to store, in order.
+            title: a title (default: the first line of the first user text).
+            metadata: any JSON object the application wants kept with it.
+            conversation_id: an id of your choice (default: a random hex id).
+        """
+        encoded = encode(messages, self.max_artifact_bytes)
+        now = _now()
+        with self._database.transaction(write=True) as conn:
+            cid = self._create(conn, conversation_id, title or _title(messages), dict(metadata or {}), now)
+            self._insert(conn, cid, 0, encoded, now)
+        return cid
+
+    def append(self, conversation_id: str, messages: Sequence[Message]) -> None:
+        """Append messages to a conversation (outside any run) in one transaction."""
+        encoded = encode(messages, self.max_artifact_bytes)
+        now = _now()
+        with self._database.transaction(write=True) as conn:
+            self._lock_conversation(conn, conversation_id)
+            self._insert(conn, conversation_id, self._next_position(conn, conversation_id), encoded, now)
+
+    def load_conversation(self, conversation_id: str) -> list[Message]:
+        """Every message of a conversation, in order, media bytes included."""
+        with self._database.transaction(write=False) as conn:
+            messages = self._load(conn, conversation_id)
+            if not messages:
+                self._require(conn, conversation_id)
+            return messages
+
+    def conversation(self, conversation_id: str) -> ConversationInfo:
+        """A conversation's title, metadata, times and message count."""
+        with self._database.transaction(write=False) as conn:
+            found = self._infos(conn, conversation_id=conversation_id)
+        if not found:
+            raise self._missing("conversation", conversation_id)
+        return found[0]
+
+    def list_conversations(self, *, limit: int | None = 100, offset: int = 0) -> list[ConversationInfo]:
+        """Conversations, most recently updated first."""
+        with self._database.transaction(write=False) as conn:
+            return self._infos(conn, limit=limit, offset=offset)
+
+    def update_conversation(
+        self, conversation_id: str, *, title: str | None = _UNSET, metadata: Mapping[str, Any] = _UNSET
+    ) -> None:
+        """Change a conversation's title and/or metadata (replaced whole)."""
+        values: dict[str, Any] = {"updated_at": _now()}
+        if title is not _UNSET:
+            values["title"] = title
+        if metadata is not _UNSET:
+            values["meta"] = dict(metadata)
+        with self._database.transaction(write=True) as conn:
+            self._lock_conversation(conn, conversation_id)
+            conn.execute(update(s.conversations).where(s.conversations.c.id == conversation_id).values(**values))
+
+    def delete_conversation(self, conversation_id: str) -> None:
+        """Delete a conversation with its messages, parts, runs and steps; artifacts nothing else uses go too."""
+        with self._database.transaction(write=True) as conn:
+            self._lock_conversation(conn, conversation_id)
+            self._lock_artifacts(conn, exclusive=True)
+            p, m = s.parts.c, s.messages.c
+            used = (
+                conn.execute(
+                    select(p.artifact_sha256)
+                    .distinct()
+                    .select_from(s.parts.join(s.messages, m.id == p.message_id))
+                    .where(m.conversation_id == conversation_id, p.artifact_sha256.is_not(None))
+                )
+                .scalars()
+                .all()
+            )
+            conn.execute(delete(s.conversations).where(s.conversations.c.id == conversation_id))
+            filed = self._drop_orphans(conn, used)
+        self._remove_files(filed)
+
+    def collect_garbage(self) -> int:
+        """Delete artifacts no part references, and artifact files without a row; return how many went."""
+        with self._database.transaction(write=True) as conn:
+            self._lock_artifacts(conn, exclusive=True)
+            a, p = s.artifacts.c, s.parts.c
+            orphans = (
+                conn.execute(select(a.sha256).where(~exists().where(p.artifact_sha256 == a.sha256))).scalars().all()
+            )
+            filed = self._drop_orphans(conn, orphans)
+        removed = len(orphans)
+        if self._files is not None:
+            with self._database.transaction(write=True) as conn:
+                known = set(conn.execute(select(s.artifacts.c.sha256)).scalars())
+                stray = [name for name in self._files.names() if name not in known]
+                for name in stray:
+                    self._files.remove(name)
+            removed += len([x for x in stray if x not in filed])
+        return removed
+
+    # ------------------------------------------------------------------ runs, artifacts, search
+
+    def list_runs(
+        self, *, conversation_id: str | None = None, status: RunStatus | None = None, limit: int | None = 100
+    ) -> list[RunInfo]:
+        """Runs, newest first; `status="running"` lists the ones to resume after a crash."""
+        r = s.runs.c
+        count = select(func.count()).where(s.steps.c.run_id == r.id).scalar_subquery()
+        stmt = select(s.runs, count.label("n_steps")).order_by(r.created_at.desc(), r.id).limit(limit)
+        if conversation_id is not None:
+            stmt = stmt.where(r.conversation_id == conversation_id)
+        if status is not None:
+            stmt = stmt.where(r.status == status)
+        with self._database.transaction(write=False) as conn:
+            rows = conn.execute(stmt).all()
+        return [
+            RunInfo(
+                id=row.id,
+                conversation_id=row.conversation_id,
+                status=row.status,
+                model_name=row.model_name,
+                system_prompt=row.system_prompt,
+                error=row.error,
+                usage=_usage(row.usage),
+                steps=int(row.n_steps),
+                created_at=row.created_at,
+                updated_at=row.updated_at,
+                finished_at=row.finished_at,
+            )
+            for row in rows
+        ]
+
+    def artifact(self, sha256: str) -> ImagePart | AudioPart:
+        """The stored image or audio clip with this sha256 (hex).
+
+        Raises:
+            UserError: no artifact has this hash.
+        """
+        with self._database.transaction(write=False) as conn:
+            row = conn.execute(select(s.artifacts.c.media_type).where(s.artifacts.c.sha256 == sha256)).first()
+            if row is None:
+                raise self._missing("artifact", sha256)
+            data = self._fetch(conn, [sha256])[sha256]
+        return media_part(row.media_type, data)
+
+    def search(
+        self,
+        query: str,
+        *,
+        conversation_id: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        kinds: Collection[str] | None = None,
+        limit: int = 10,
+    ) -> list[SearchHit]:
+        """Full-text search over message text and the text tools returned, best match first.
+
+        Every word of `query` must match (English stemming: "cats" finds "cat"); query syntax is not
+        interpreted.
+
+        Args:
+            query: words to look for.
+            conversation_id: only this conversation.
+            since: only messages stored at or after this time (naive datetimes are read as UTC).
+            until: only messages stored before this time.
+            kinds: `{"text"}` for message text, `{"tool-result"}` for tool output; None for both.
+            limit: the most hits to return.
+        """
+        with self._database.transaction(write=False) as conn:
+            return _search.search(
+                conn, query, conversation_id=conversation_id, since=since, until=until, kinds=kinds, limit=limit
+            )
+
+    # ------------------------------------------------------------------ export / import
+
+    def export_conversation(self, conversation_id: str) -> dict[str, Any]:
+        """A JSON-ready dict: the messages in OpenAI chat format (media inline as base64) plus metadata.
+
+        The OpenAI format joins adjacent text parts and turns retry requests into plain text; `tool_errors`
+        lists the ids of calls whose results were errors, and `artifacts` the media by sha256.
+        """
+        with self._database.transaction(write=False) as conn:
+            found = self._infos(conn, conversation_id=conversation_id)
+            if not found:
+                raise self._missing("conversation", conversation_id)
+            messages = self._load(conn, conversation_id)
+        info = found[0]
+        artifacts: dict[str, dict[str, Any]] = {}
+        errors: list[str] = []
+        for message in messages:
+            for part in message.parts:
+                items = part.content if isinstance(part, ToolResultPart) else (part,)
+                if isinstance(part, ToolResultPart) and part.is_error:
+                    errors.append(part.call_id)
+                for item in items:
+                    if isinstance(item, ImagePart | AudioPart):
+                        sha = hashlib.sha256(item.data).hexdigest()
+                        artifacts.setdefault(
+                            sha, {"sha256": sha, "media_type": item.media_type, "size": len(item.data)}
+                        )
+        return {
+            "format": EXPORT_FORMAT,
+            "id": info.id,
+            "title": info.title,
+            "metadata": info.metadata,
+            "created_at": info.created_at.isoformat(),
+            "updated_at": info.updated_at.isoformat(),
+            "messages": to_openai(messages),
+            "tool_errors": errors,
+            "artifacts": list(artifacts.values()),
+        }
+
+    def import_conversation(self, data: Mapping[str, Any], *, conversation_id: str | None = None) -> str:
+        """Store a conversation from `export_conversation` output (or any dict with OpenAI `messages`).
+
+        Returns the new conversation's id (a fresh one unless `conversation_id` is given).
+
+        Raises:
+            UserError: the data is not an export, or its media do not match its `artifacts` list.
+        """
+        if not isinstance(data, Mapping) or not isinstance(data.get("messages"), list):
+            raise UserError("import_conversation needs a dict with a 'messages' list (export_conversation's output)")
+        fmt = data.get("format", EXPORT_FORMAT)
+        if fmt != EXPORT_FORMAT:
+            raise UserError(f"unknown export format {fmt!r}; this mmagent reads {EXPORT_FORMAT!r}")
+        messages = from_openai(data["messages"])
+        failed = set(data.get("tool_errors") or ())
+        if failed:
+            messages = [_mark_errors(message, failed) for message in messages]
+        declared = {a.get("sha256") for a in data.get("artifacts") or () if isinstance(a, Mapping)}
+        if declared:
+            present = {
+                hashlib.sha256(item.data).hexdigest()
+                for message in messages
+                for part in message.parts
+                for item in (part.content if isinstance(part, ToolResultPart) else (part,))
+                if isinstance(item, ImagePart | AudioPart)
+            }
+            if present != declared:
+                raise UserError(
+                    f"the export's media do not match its artifact list ({len(present ^ declared)} differ): "
+                    "the file was altered or truncated"
+                )
+        metadata = data.get("metadata") or {}
+        if not isinstance(metadata, Mapping):
+            raise UserError(f"'metadata' must be a JSON object, got {type(metadata).__name__}")
+        title = data.get("title")
+        return self.create_conversation(
+            messages,
+            title=title if isinstance(title, str) else None,
+            metadata=metadata,
+            conversation_id=conversation_id,
+        )
+
+    # ------------------------------------------------------------------ internals
+
+    def _missing(self, what: str, key: str) -> UserError:
+        return UserError(f"no {what} {key!r} in the memory store at {self._database.where}")
+
+    def _create(
+        self, conn: Connection, cid: str | None, title: str | None, meta: dict[str, Any], now: dt.datetime
+    ) -> str:
+        if cid is None:
+            cid = uuid.uuid4().hex
+        elif not isinstance(cid, str) or not 0 < len(cid) <= 64:
+            raise UserError(f"conversation ids are 1 to 64 characters, got {cid!r}")
+        elif conn.execute(select(s.conversations.c.id).where(s.conversations.c.id == cid)).first() is not None:
+            raise UserError(f"conversation {cid!r} already exists")
+        conn.execute(insert(s.conversations).values(id=cid, title=title, meta=meta, created_at=now, updated_at=now))
+        return cid
+
+    def _require(self, conn: Connection, cid: str) -> None:
+        if conn.execute(select(s.conversations.c.id).where(s.conversations.c.id == cid)).first() is None:
+            raise self._missing("conversation", cid)
+
+    def _lock_conversation(self, conn: Connection, cid: str) -> None:
+        """Serialise writers of one conversation (row lock on PostgreSQL; SQLite already holds the write lock)."""
+        stmt = select(s.conversations.c.id).where(s.conversations.c.id == cid).with_for_update()
+        if conn.execute(stmt).first() is None:
+            raise self._missing("conversation", cid)
+
+    def _lock_artifacts(self, conn: Connection, *, exclusive: bool) -> None:
+        """PostgreSQL: writers share this lock, garbage collection takes it alone (no deletion of an artifact
+        another transaction is about to reference). SQLite writers are serialised already."""
+        if conn.dialect.name == "postgresql":
+            fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+            conn.execute(text(f"SELECT {fn}({_ARTIFACT_LOCK})"))
+
+    def _run_row(self, conn: Connection, run_id: str) -> Any:
+        row = conn.execute(select(s.runs).where(s.runs.c.id == run_id)).first()
+        if row is None:
+            raise self._missing("run", run_id)
+        return row
+
+    def _next_position(self, conn: Connection, cid: str) -> int:
+        m = s.messages.c
+        last = conn.execute(select(func.max(m.position)).where(m.conversation_id == cid)).scalar_one()
+        return 0 if last is None else int(last) + 1
+
+    def _insert(
+        self,
+        conn: Connection,
+        cid: str,
+        start: int,
+        encoded: Encoded,
+        now: dt.datetime,
+        *,
+        run_id: str | None = None,
+        step: int | None = None,
+    ) -> None:
+        if not encoded.roles:
+            return
+        self._put_artifacts(conn, encoded.artifacts, now)
+        rows = [
+            {
+                "conversation_id": cid,
+                "position": start + i,
+                "role": role,
+                "run_id": run_id,
+                "step": step,
+                "created_at": now,
+            }
+            for i, role in enumerate(encoded.roles)
+        ]
+        ids = (
+            conn.execute(insert(s.messages).returning(s.messages.c.id, sort_by_parameter_order=True), rows)
+            .scalars()
+            .all()
+        )
+        part_rows = [{**row, "message_id": mid} for mid, rows_ in zip(ids, encoded.parts, strict=True) for row in rows_]
+        if part_rows:
+            conn.execute(insert(s.parts), part_rows)
+        conn.execute(update(s.conversations).where(s.conversations.c.id == cid).values(updated_at=now))
+
+    def _put_artifacts(self, conn: Connection, artifacts: Mapping[str, Artifact], now: dt.datetime) -> None:
+        if not artifacts:
+            return
+        self._lock_artifacts(conn, exclusive=False)
+        a = s.artifacts.c
+        existing: set[str] = set()
+        for chunk in _chunks(list(artifacts)):
+            existing.update(conn.execute(select(a.sha256).where(a.sha256.in_(chunk))).scalars())
+        rows = []
+        for sha, item in artifacts.items():
+            if sha in existing:
+                continue
+            data: bytes | None = item.data
+            if self._files is not None and self._file_threshold is not None and len(item.data) >= self._file_threshold:
+                self._files.write(sha, item.data)
+                data = None
+            rows.append(
+                {"sha256": sha, "media_type": item.media_type, "size": len(item.data), "data": data, "created_at": now}
+            )
+        if not rows:
+            return
+        dialect = conn.dialect.name
+        if dialect == "postgresql":
+            conn.execute(postgresql.insert(s.artifacts).on_conflict_do_nothing(index_elements=["sha256"]), rows)
+        elif dialect == "sqlite":
+            conn.execute(sqlite.insert(s.artifacts).on_conflict_do_nothing(index_elements=["sha256"]), rows)
+        else:
+            conn.execute(insert(s.artifacts), rows)
+
+    def _fetch(self, conn: Connection, shas: Iterable[str]) -> dict[str, bytes]:
+        wanted = sorted(set(shas))
+        out: dict[str, bytes] = {}
+        a = s.artifacts.c
+        for chunk in _chunks(wanted):
+            for sha, data in conn.execute(select(a.sha256, a.data).where(a.sha256.in_(chunk))):
+                if data is None:
+                    if self._files is None:
+                        raise StoreError(f"corrupt memory store: artifact {sha} has neither bytes nor a file")
+                    data = self._files.read(sha)
+                out[sha] = bytes(data)
+        if len(out) != len(wanted):
+            lost = sorted(set(wanted) - out.keys())
+            raise StoreError(f"corrupt memory store: {len(lost)} artifact(s) referenced but missing, e.g. {lost[0]}")
+        return out
+
+    def _load(self, conn: Connection, cid: str, *, upto: int | None = None) -> list[Message]:
+        stmt = _LOAD if upto is None else _LOAD_UPTO
+        rows = conn.execute(stmt, {"cid": cid, "upto": upto}).all()
+        blobs = self._fetch(conn, [r[8] for r in rows if r[8] is not None])
+        return decode(rows, blobs)
+
+    def _infos(
+        self, conn: Connection, *, conversation_id: str | None = None, limit: int | None = None, offset: int = 0
+    ) -> list[ConversationInfo]:
+        c = s.conversations.c
+        count = select(func.count()).where(s.messages.c.conversation_id == c.id).scalar_subquery()
+        stmt = select(s.conversations, count.label("n")).order_by(c.updated_at.desc(), c.id).limit(limit).offset(offset)
+        if conversation_id is not None:
+            stmt = stmt.where(c.id == conversation_id)
+        return [
+            ConversationInfo(
+                id=row.id,
+                title=row.title,
+                metadata=dict(row.meta or {}),
+                created_at=row.created_at,
+                updated_at=row.updated_at,
+                message_count=int(row.n),
+            )
+            for row in conn.execute(stmt)
+        ]
+
+    def _drop_orphans(self, conn: Connection, candidates: Sequence[str]) -> set[str]:
+        """Delete the candidate artifacts no part references; return those whose bytes live in files."""
+        a, p = s.artifacts.c, s.parts.c
+        filed: set[str] = set()
+        for chunk in _chunks(list(candidates)):
+            rows = conn.execute(
+                select(a.sha256, a.data.is_(None).label("in_file")).where(
+                    a.sha256.in_(chunk), ~exists().where(p.artifact_sha256 == a.sha256)
+                )
+            ).all()
+            if rows:
+                conn.execute(delete(s.artifacts).where(a.sha256.in_([r.sha256 for r in rows])))
+                filed.update(r.sha256 for r in rows if r.in_file)
+        return filed
+
+    def _remove_files(self, shas: Collection[str]) -> None:
+        """Unlink files of deleted artifacts, under the write lock and only if no row came back meanwhile."""
+        if not shas or self._files is None:
+            return
+        with self._database.transaction(write=True) as conn:
+            back = set(conn.execute(select(s.artifacts.c.sha256).where(s.artifacts.c.sha256.in_(list(shas)))).scalars())
+            for sha in set(shas) - back:
+                self._files.remove(sha)
+
+
+def _load_statement(upto: bool) -> Any:
+    m, p = s.messages.c, s.parts.c
+    stmt = (
+        select(
+            m.position,
+            m.role,
+            p.position,
+            p.sub,
+            p.kind,
+            p.text,
+            p.media_type,
+            type_coerce(p.payload, Text),  # decoded by the codec, only for the rows that have one
+            p.artifact_sha256,
+        )
+        .select_from(s.messages.outerjoin(s.parts, p.message_id == m.id))
+        .where(m.conversation_id == bindparam("cid"))
+        .order_by(m.position, p.position, p.sub)
+    )
+    return stmt.where(m.position <= bindparam("upto")) if upto else stmt
+
+
+# Built once: loading is the hot path (the agent reloads history at the start of every run).
+_LOAD = _load_statement(upto=False)
+_LOAD_UPTO = _load_statement(upto=True)
+
+
+def _mark_errors(message: Message, failed: set[str]) -> Message:
+    if message.role != "tool":
+        return message
+    parts = tuple(
+        p.model_copy(update={"is_error": True}) if isinstance(p, ToolResultPart) and p.call_id in failed else p
+        for p in message.parts
+    )
+    return Message(role="tool", parts=parts)
+
+
+__all__ = ["MiB", "Store"]
