@@ -1,0 +1,282 @@
+"""The `mmagent` command line: run, chat, serve, history.
+
+Errors from mmagent (bad paths, unreadable media, missing weights, unreachable servers) print one line and
+exit with status 1; usage errors exit with 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from agent._loop import Agent
+from agent.events import FinalEvent, RetryEvent, TextDeltaEvent, ToolCallEvent, ToolResultEvent
+from agent.exceptions import MMAgentError, UserError
+from agent.messages import Message, as_audio_part, as_image_part
+
+app = typer.Typer(help="mmagent: tool-calling agents on Phi-4-multimodal.", no_args_is_help=True)
+history_app = typer.Typer(help="Stored conversations.", no_args_is_help=True)
+app.add_typer(history_app, name="history")
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+DEFAULT_DB = "mmagent.db"
+DEFAULT_SYSTEM = "You are a helpful assistant. Use the tools when they help, then answer briefly."
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="auto | phi4 | smollm2 | tiny-phi4 | folder | hub id | server URL")
+]
+ServerModelOpt = Annotated[str, typer.Option("--server-model", help="model name to request from a server URL")]
+DbOpt = Annotated[str | None, typer.Option("--db", help="memory store: a SQLite path or an SQLAlchemy URL")]
+ToolsOpt = Annotated[
+    list[str] | None, typer.Option("--tools", help="module or .py file whose @tool functions (or TOOLS) to load")
+]
+FilesOpt = Annotated[Path | None, typer.Option("--files", help="let the agent read files inside this folder")]
+HostOpt = Annotated[list[str] | None, typer.Option("--allow-host", help="let the agent fetch pages from this host")]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def load_tools(specs: list[str] | None, files: Path | None, hosts: list[str] | None) -> list[Any]:
+    """Tools from modules/files (their `TOOLS` list, else every `@tool` function), plus built-ins."""
+    from tools.builtin import calculator, file_tools, http_tool
+
+    found: list[Any] = [calculator]
+    for spec in specs or []:
+        path = Path(spec)
+        try:
+            if path.suffix == ".py":
+                if not path.is_file():
+                    raise UserError(f"tools file {spec!r} does not exist")
+                module_spec = importlib.util.spec_from_file_location(path.stem, path)
+                assert module_spec is not None and module_spec.loader is not None
+                module = importlib.util.module_from_spec(module_spec)
+                module_spec.loader.exec_module(module)
+            else:
+                module = importlib.import_module(spec)
+        except ImportError as exc:
+            raise UserError(f"cannot import tools module {spec!r}: {exc}") from exc
+        listed = getattr(module, "TOOLS", None)
+        if listed is None:
+            listed = [v for v in vars(module).values() if callable(v) and hasattr(v, "__mmagent_tool__")]
+        if not listed:
+            raise UserError(f"{spec!r} defines no TOOLS list and no @tool functions")
+        found.extend(listed)
+    if files is not None:
+        found.extend(file_tools(files))
+    if hosts:
+        found.append(http_tool(hosts))
+    return found
+
+
+def _build(
+    model: str, server_model: str, db: str | None, tools: list[str] | None, files: Path | None, hosts: list[str] | None
+) -> Agent:
+    from agent.models.resolve import resolve_model
+
+    tool_list = load_tools(tools, files, hosts)
+    with err.status(f"loading model {model} ..."):
+        backend = resolve_model(model, server_model=server_model)
+    err.print(f"[dim]model: {backend.name}[/dim]")
+    store = None
+    if db is not None:
+        from memory import Store
+
+        store = Store(db)
+    return Agent(backend, tools=tool_list, system_prompt=DEFAULT_SYSTEM, memory=store)
+
+
+async def _stream(agent: Agent, prompt: Message, conversation_id: str | None, as_json: bool) -> str | None:
+    async for event in agent.run_stream(prompt, conversation_id=conversation_id):
+        if isinstance(event, TextDeltaEvent) and not as_json:
+            out.print(event.text, end="", markup=False)
+        elif isinstance(event, ToolCallEvent):
+            err.print(f"\n[cyan]-> {event.call.name}[/cyan]({json.dumps(event.call.arguments)[:200]})", markup=True)
+        elif isinstance(event, ToolResultEvent):
+            mark = "[red]x[/red]" if event.result.is_error else "[green]<-[/green]"
+            err.print(f"{mark} {event.result.name}: {event.result.text[:200]!r}")
+        elif isinstance(event, RetryEvent):
+            err.print(f"[yellow]retry[/yellow] {event.retry.name}: {event.retry.message[:200]}")
+        elif isinstance(event, FinalEvent):
+            r = event.result
+            if as_json:
+                out.print_json(
+                    json.dumps(
+                        {
+                            "output": r.output,
+                            "model": r.model_name,
+                            "conversation_id": r.conversation_id,
+                            "run_id": r.run_id,
+                            "usage": {"requests": r.usage.requests, "input_tokens": r.usage.input_tokens,
+                                      "output_tokens": r.usage.output_tokens},
+                        }
+                    )
+                )  # fmt: skip
+            else:
+                out.print()
+            return r.conversation_id
+    return None
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except MMAgentError as exc:
+        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    return None
+
+
+@app.command()
+def run(
+    prompt: Annotated[str, typer.Argument(help="the task")],
+    image: Annotated[list[Path] | None, typer.Option("--image", "-i", help="an image file (repeatable)")] = None,
+    audio: Annotated[list[Path] | None, typer.Option("--audio", "-a", help="an audio file (repeatable)")] = None,
+    model: ModelOpt = "auto",
+    server_model: ServerModelOpt = "microsoft/Phi-4-multimodal-instruct",
+    db: DbOpt = None,
+    tools: ToolsOpt = None,
+    files: FilesOpt = None,
+    allow_host: HostOpt = None,
+    conversation: Annotated[str | None, typer.Option(help="continue this stored conversation")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Run one task and print the answer (tool calls go to stderr)."""
+
+    def go() -> None:
+        message = Message.user(prompt, images=[as_image_part(p) for p in image or []],
+                               audio=[as_audio_part(p) for p in audio or []])  # fmt: skip
+        agent = _build(model, server_model, db, tools, files, allow_host)
+        asyncio.run(_stream(agent, message, conversation, as_json))
+
+    _guard(go)
+
+
+@app.command()
+def chat(
+    model: ModelOpt = "auto",
+    server_model: ServerModelOpt = "microsoft/Phi-4-multimodal-instruct",
+    db: DbOpt = DEFAULT_DB,
+    tools: ToolsOpt = None,
+    files: FilesOpt = None,
+    allow_host: HostOpt = None,
+) -> None:
+    """Talk with the agent. Attach media with `/image PATH` or `/audio PATH`; `/quit` leaves."""
+    agent = _guard(lambda: _build(model, server_model, db, tools, files, allow_host))
+    conversation: str | None = None
+    images: list[Any] = []
+    clips: list[Any] = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        try:
+            if line.startswith("/image "):
+                images.append(as_image_part(Path(line[7:].strip())))
+                err.print(f"[dim]image attached ({len(images)})[/dim]")
+                continue
+            if line.startswith("/audio "):
+                clips.append(as_audio_part(Path(line[7:].strip())))
+                err.print(f"[dim]audio attached ({len(clips)})[/dim]")
+                continue
+            message = Message.user(line, images=images, audio=clips)
+            images, clips = [], []
+            out.print("agent> ", end="")
+            conversation = asyncio.run(_stream(agent, message, conversation, False)) or conversation
+        except MMAgentError as exc:
+            err.print(f"[red]error:[/red] {exc}")
+
+
+@app.command()
+def serve(
+    model: ModelOpt = "auto",
+    server_model: ServerModelOpt = "microsoft/Phi-4-multimodal-instruct",
+    db: DbOpt = DEFAULT_DB,
+    tools: ToolsOpt = None,
+    files: FilesOpt = None,
+    allow_host: HostOpt = None,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    api_key: Annotated[list[str] | None, typer.Option("--api-key", help="require this bearer token")] = None,
+) -> None:
+    """Serve the agent as an OpenAI-compatible /v1/chat/completions endpoint."""
+    import uvicorn
+
+    from agent.server import create_app
+
+    agent = _guard(lambda: _build(model, server_model, db, tools, files, allow_host))
+    application = create_app(agent, api_keys=set(api_key) if api_key else None)
+    err.print(f"serving {agent.model.name} on http://{host}:{port}/v1")
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+def _store(db: str) -> Any:
+    from memory import Store
+
+    if "://" not in db and not Path(db).exists():
+        _fail(f"no memory store at {db!r}")
+    return Store(db)
+
+
+@history_app.command("list")
+def history_list(db: DbOpt = DEFAULT_DB, limit: int = 20) -> None:
+    """List conversations, newest first."""
+    store = _guard(lambda: _store(db or DEFAULT_DB))
+    for c in store.list_conversations(limit=limit):
+        out.print(f"{c.id}  {c.updated_at:%Y-%m-%d %H:%M}  {c.message_count:4d} msgs  {c.title or ''}")
+
+
+@history_app.command("search")
+def history_search(query: str, db: DbOpt = DEFAULT_DB, limit: int = 20) -> None:
+    """Full-text search over stored messages and tool results."""
+    store = _guard(lambda: _store(db or DEFAULT_DB))
+    for hit in _guard(lambda: store.search(query, limit=limit)):
+        out.print(f"{hit.conversation_id}  {hit.role:9s}  {hit.text[:100]!r}")
+
+
+@history_app.command("show")
+def history_show(conversation_id: str, db: DbOpt = DEFAULT_DB) -> None:
+    """Print a conversation."""
+    store = _guard(lambda: _store(db or DEFAULT_DB))
+    for m in _guard(lambda: store.load_conversation(conversation_id)):
+        kinds = ", ".join(p.kind for p in m.parts if p.kind != "text")
+        out.print(f"[bold]{m.role}[/bold]: {m.text}" + (f"  [dim]({kinds})[/dim]" if kinds else ""))
+
+
+@history_app.command("export")
+def history_export(conversation_id: str, db: DbOpt = DEFAULT_DB, output: Path | None = None) -> None:
+    """Export a conversation as JSON (OpenAI messages with media inline)."""
+    store = _guard(lambda: _store(db or DEFAULT_DB))
+    data = json.dumps(_guard(lambda: store.export_conversation(conversation_id)), ensure_ascii=False)
+    if output is None:
+        sys.stdout.write(data + "\n")
+    else:
+        output.write_text(data)
+        err.print(f"wrote {output}")
+
+
+def main() -> None:
+    """Entry point of the `mmagent` command."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

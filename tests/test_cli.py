@@ -1,0 +1,152 @@
+"""The `mmagent` command, run through its installed entry point in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from agent import Agent
+from agent.testing import FunctionModel, call
+from memory import Store
+from tools import tool
+
+EXE = shutil.which("mmagent", path=str(Path(sys.executable).parent)) or "mmagent"
+
+
+def mmagent(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def vllm_like() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A stand-in OpenAI-compatible model server: asks for the calculator, then answers with its result."""
+    seen: list[dict[str, Any]] = []
+
+    async def completions(request: Request) -> JSONResponse:
+        body = await request.json()
+        seen.append(body)
+        last = body["messages"][-1]
+        if last["role"] == "tool":
+            message: dict[str, Any] = {"role": "assistant", "content": f"17 * 23 = {last['content']}"}
+        else:
+            message = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "calculator", "arguments": json.dumps({"expression": "17 * 23"})},
+                    }
+                ],
+            }
+        return JSONResponse(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "model": body["model"],
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+            }
+        )
+
+    app = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1", seen
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+def test_help_lists_the_commands() -> None:
+    out = mmagent("--help")
+    assert out.returncode == 0
+    for command in ("run", "chat", "serve", "history"):
+        assert command in out.stdout
+
+
+def test_run_against_a_server_url_calls_a_real_tool(
+    vllm_like: tuple[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    url, seen = vllm_like
+    db = tmp_path / "m.db"
+    out = mmagent("run", "What is 17 * 23?", "--model", url, "--server-model", "phi", "--db", str(db), "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["output"] == "17 * 23 = 391"
+    assert "model: phi via" in out.stderr and "-> calculator" in out.stderr
+    assert seen[-1]["messages"][-1] == {"role": "tool", "tool_call_id": "c1", "name": "calculator", "content": "391"}
+    # the run was stored: history commands read it back
+    listing = mmagent("history", "list", "--db", str(db))
+    assert listing.returncode == 0 and result["conversation_id"] in listing.stdout
+    shown = mmagent("history", "show", result["conversation_id"], "--db", str(db))
+    assert "17 * 23 = 391" in shown.stdout
+    exported = json.loads(mmagent("history", "export", result["conversation_id"], "--db", str(db)).stdout)
+    assert exported["messages"][0]["content"] == "What is 17 * 23?"
+    found = mmagent("history", "search", "391", "--db", str(db))
+    assert result["conversation_id"] in found.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "hi", "--image", "missing.png"], "cannot read image file 'missing.png'"),
+        (["run", "hi", "--audio", "README.md"], "not a known audio format"),
+        (["run", "hi", "--model", "http://127.0.0.1:9/v1"], "127.0.0.1:9"),
+        (["run", "hi", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["run", "hi", "--tools", "nope.py"], "tools file 'nope.py' does not exist"),
+        (["history", "list", "--db", "missing.db"], "no memory store at 'missing.db'"),
+    ],
+)
+def test_errors_are_one_clear_line(args: list[str], message: str) -> None:
+    out = mmagent(*args, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 1
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_tools_module_is_loaded(vllm_like: tuple[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    url, seen = vllm_like
+    module = tmp_path / "mytools.py"
+    module.write_text(
+        "from tools import tool\n\n@tool\ndef shout(text: str) -> str:\n    '''Shout.'''\n    return text.upper()\n"
+    )
+    out = mmagent("run", "hi", "--model", url, "--tools", str(module))
+    assert out.returncode == 0, out.stderr
+    assert {t["function"]["name"] for t in seen[-1]["tools"]} == {"calculator", "shout"}
+
+
+def test_history_of_a_store_written_by_an_app(tmp_path: Path) -> None:
+    @tool
+    def noop() -> str:
+        """Do nothing."""
+        return "nothing"
+
+    db = tmp_path / "app.db"
+    with Store(db) as store:
+        model = FunctionModel(lambda m, i: [call("noop")] if i.request_index == 0 else "all quiet")
+        result = Agent(model, tools=[noop], memory=store).run_sync("status report please")
+    out = mmagent("history", "show", str(result.conversation_id), "--db", str(db))
+    assert out.returncode == 0
+    assert "status report please" in out.stdout and "all quiet" in out.stdout
