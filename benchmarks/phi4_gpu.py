@@ -371,7 +371,7 @@ def agent_run_backend(
 
     backend = TransformersModel(model, tok, kv_reuse=kv_reuse, logits_processors=[no_stop])
     if force_crop:  # diagnostic: let the engine crop its sliding-window cache (window 262144 > any length here)
-        backend._engine.can_crop = True
+        backend._engine.crop_limit = None
     tools = [ToolDefinition(name="search", description="Search the web", parameters={"type": "object"})]
     doc = _text(rng, int(history_tokens * 0.9))
     doc_ids = _ids(tok, doc)[: history_tokens - 60]

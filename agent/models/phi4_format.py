@@ -54,6 +54,7 @@ __all__ = [
     "parse_completion",
     "render_prompt",
     "render_tools",
+    "stream_safe_length",
 ]
 
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -259,39 +260,57 @@ def _skip_ws(text: str, pos: int) -> int:
     return pos
 
 
-def parse_completion(raw: str) -> ParsedCompletion:
-    """Read a Phi-4 completion into text and tool-call parts. Never raises."""
+def parse_completion(
+    raw: str,
+    *,
+    open_tag: str = TOOL_CALL,
+    close_tag: str = TOOL_CALL_END,
+    trailers: Sequence[str] = _TRAILERS,
+) -> ParsedCompletion:
+    """Read a completion into text and tool-call parts. Never raises.
+
+    Args:
+        raw: the decoded completion (special tokens kept).
+        open_tag: the tag opening a block of calls; Phi-4's `<|tool_call|>` by default. Plain chat models
+            served by the transformers backend use `<tool_call>`.
+        close_tag: the tag closing the block (optional in the output).
+        trailers: end-of-turn markers stripped from the end of the text.
+    """
     try:
-        return _parse(raw)
+        return _parse(raw, open_tag, close_tag, tuple(trailers))
     except Exception as exc:  # defensive: a parser bug must not stop the loop
         return ParsedCompletion(parts=(TextPart(text=raw),) if raw else (), errors=(f"unreadable output: {exc}",))
 
 
-def _parse(raw: str) -> ParsedCompletion:
-    text = raw
+def _strip_trailers(text: str, trailers: tuple[str, ...]) -> str:
     changed = True
     while changed:  # strip end-of-turn tokens and trailing whitespace
         changed = False
         stripped = text.rstrip()
-        for trailer in _TRAILERS:
-            if stripped.endswith(trailer):
+        for trailer in trailers:
+            if trailer and stripped.endswith(trailer):
                 stripped = stripped[: -len(trailer)]
                 changed = True
         text = stripped if changed else text
+    return text
+
+
+def _parse(raw: str, open_tag: str, close_tag: str, trailers: tuple[str, ...]) -> ParsedCompletion:
+    text = _strip_trailers(raw, trailers)
     texts: list[str] = []
     calls: list[ToolCallPart] = []
     errors: list[str] = []
 
-    if TOOL_CALL in text:
+    if open_tag in text:
         pos = 0
         while True:
-            start = text.find(TOOL_CALL, pos)
+            start = text.find(open_tag, pos)
             if start < 0:
                 texts.append(text[pos:])
                 break
             texts.append(text[pos:start])
-            body_start = start + len(TOOL_CALL)
-            end = text.find(TOOL_CALL_END, body_start)
+            body_start = start + len(open_tag)
+            end = text.find(close_tag, body_start)
             body_end = end if end >= 0 else len(text)
             body = text[body_start:body_end]
             decoded = _decode_at(body, _skip_ws(body, 0))
@@ -304,8 +323,8 @@ def _parse(raw: str) -> ParsedCompletion:
                 errors.extend(bad)
                 rest = body[stop:].strip()
                 if rest:
-                    errors.append(f"unexpected text after the JSON inside {TOOL_CALL}: {_clip(rest)}")
-            pos = body_end + len(TOOL_CALL_END) if end >= 0 else len(text)
+                    errors.append(f"unexpected text after the JSON inside {open_tag}: {_clip(rest)}")
+            pos = body_end + len(close_tag) if end >= 0 else len(text)
     else:
         match = _FUNCTOOLS.search(text)
         start = match.end() if match else -1
@@ -332,3 +351,60 @@ def _parse(raw: str) -> ParsedCompletion:
     parts: list[Part] = [TextPart(text=joined)] if joined else []
     parts.extend(calls)
     return ParsedCompletion(parts=tuple(parts), errors=tuple(errors))
+
+
+# ---------------------------------------------------------------- streaming
+
+_FUNCTOOLS_WORD = "functools"
+_BARE_PREFIXES = ('[{"name"', '{"name"')
+
+
+def stream_safe_length(text: str, *, open_tag: str = TOOL_CALL, stops: Sequence[str] = ()) -> int:
+    """How many leading characters of a growing completion can be streamed as assistant text now.
+
+    Holds back whatever may still turn out to be a tool-call block (the open tag, `functools[`, a bare
+    JSON call at the very start), a stop string, an incomplete character, and leading/trailing whitespace
+    (the parser strips it), so that the streamed pieces are always a prefix of the final parsed text
+    when the completion has no calls before its text.
+    """
+    body = text.lstrip()
+    if not body:
+        return 0
+    if body[0] in "[{" and _may_be_bare_call(body):
+        return 0
+    limit = len(text)
+    for marker in (open_tag, *stops):
+        if not marker:
+            continue
+        found = text.find(marker)
+        if found >= 0:
+            limit = min(limit, found)
+    match = _FUNCTOOLS.search(text)
+    if match:
+        limit = min(limit, match.start())
+    limit = min(limit, len(text) - _partial_suffix(text[:limit], (open_tag, _FUNCTOOLS_WORD, *stops)))
+    trailing = text[:limit]
+    if _FUNCTOOLS_WORD in trailing:  # "functools" (+ whitespace) may still be followed by "["
+        at = trailing.rfind(_FUNCTOOLS_WORD)
+        if not trailing[at + len(_FUNCTOOLS_WORD) :].strip():
+            limit = at
+    while limit > 0 and (text[limit - 1].isspace() or text[limit - 1] == "\ufffd"):
+        limit -= 1
+    return max(limit, 0)
+
+
+def _partial_suffix(text: str, markers: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of one of `markers`."""
+    best = 0
+    for marker in markers:
+        for size in range(min(len(marker) - 1, len(text)), best, -1):
+            if text.endswith(marker[:size]):
+                best = size
+                break
+    return best
+
+
+def _may_be_bare_call(body: str) -> bool:
+    """Whether text starting with `[` or `{` is, or may still become, a bare JSON tool call."""
+    compact = "".join(body[:64].split())[:8]
+    return any(p.startswith(compact) or compact.startswith(p) for p in _BARE_PREFIXES)

