@@ -72,7 +72,7 @@ class ContextPolicy:
         *,
         context_length: int | None = None,
         reserve_output_tokens: int = 1024,
-        low_water: float = 0.75,
+        low_water: float = 0.5,
         max_tool_result_tokens: int | None = 8_000,
         max_image_tokens: int | None = None,
         max_audio_tokens: int | None = None,

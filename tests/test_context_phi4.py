@@ -58,3 +58,19 @@ def test_fitted_prompt_count_equals_the_processor(tiny_phi4: Any) -> None:
         assert counted <= int(full * fraction)
         if fraction < 1:
             assert len(fitted) < len(history)
+
+
+def test_long_run_benchmark_prints_its_line_last() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "long_run.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--steps", "25", "--budget", "1500"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.strip().splitlines()[-1]
+    ratio, resets = last.split()
+    assert ratio.startswith("prefill_ratio=") and 0 < float(ratio.split("=")[1]) < 3
+    assert resets.startswith("cache_resets=") and int(resets.split("=")[1]) >= 1
