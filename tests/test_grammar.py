@@ -148,7 +148,11 @@ def test_auto_outputs_are_text_or_valid_calls(engine: GrammarEngine, phi4_tokeni
         assert not parsed.errors, phi4_tokenizer.decode(ids)
         assert_valid(calls, tools)
         kinds["calls" if calls else "text"] += 1
-        assert ids[-1] in (END, TOOL_CALL_END)
+        assert len(ids) <= 96
+        if calls:
+            assert TOOL_CALL_END in ids[-2:]
+        else:  # text may run to the budget: a call that would not fit can no longer start
+            assert TOOL_CALL not in ids
     assert kinds["text"] and kinds["calls"]
 
 
@@ -259,7 +263,7 @@ def test_prefix_in_prompt_is_matched_not_budgeted(engine: GrammarEngine, phi4_to
     ids = run(matcher, logit_pool, random.Random(1), 40)
     assert len(ids) <= 40
     calls, parsed = parsed_calls(phi4_tokenizer, prefix + ids)
-    assert not parsed.errors and [c.name for c in calls] == ["get_weather"]
+    assert not parsed.errors and calls and {c.name for c in calls} == {"get_weather"}
 
 
 def test_rejected_token_warns_and_stops_constraining(engine: GrammarEngine) -> None:

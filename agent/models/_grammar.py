@@ -30,7 +30,11 @@ A call block is the format's open marker, a JSON list of one or more `{"name": .
 
 Budget: given `max_tokens`, the matcher plans how to finish the output and, when the budget gets tight,
 emits that plan (closing strings, arrays and objects within what the grammar allows), so `max_tokens`
-never cuts a call in half (see `_grammar_closing`).
+never cuts a call in half (see `_grammar_closing`). Free text is not cut short: once a call would no longer
+fit, the open marker is banned and the text may run to the budget.
+
+Sampling without top-p can skip most masks (exactly the same distribution): sample from the raw logits,
+and only when `matcher.accepts(token)` is False, `mask_logits` and sample again.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from agent.models._grammar_build import (
     with_options,
 )
 from agent.models._grammar_closing import (
+    PLAN_LIMIT,
     MaskBuffers,
     OutputState,
     grammar_mask,
@@ -445,8 +450,13 @@ class ToolConstraint:
         matcher._spent = 0
         return matcher
 
+    def observe_growth(self, growth: int) -> None:
+        """Raise the growth bound when a generation saw more (an optional parameter holding a big object)."""
+        if growth > self.growth_bound():
+            self._cache["growth"] = growth
+
     def growth_bound(self) -> int:
-        """The most one token can add to the tokens needed to finish (a fresh call); computed once."""
+        """The most one token can add to the tokens needed to finish (a fresh call, or more once observed)."""
         found = self._cache.get("growth")
         if found is None:
             tables = self.engine.tables
@@ -497,6 +507,9 @@ class ToolCallMatcher:
         self._last_bits = b""
         self._last_ids: tuple[Any, bool] = (None, True)
         self._plan: list[int] | None = None  # forced mode: the tokens that finish the output
+        self._ban_open = False  # a call would no longer fit in the budget
+        self._last_plan: tuple[int, int] | None = None  # (plan length, tokens generated) at the last plan
+        self._openers = 0  # tokens since the last plan that may have opened something
         self._slack = 0  # budget slack at the last plan (see `_grammar_closing`)
         self._spent = 0  # worst-case slack used since
 
@@ -555,6 +568,12 @@ class ToolCallMatcher:
         if self._inner.is_error():
             self._give_up(self._inner.get_error())
             return None
+        opener = self.constraint.open_token_id
+        if self._ban_open and opener is not None and has_bit(bits, opener):
+            word = bits[opener >> 5]
+            bits[opener >> 5] = word & ~np.array([1 << (opener & 31)], dtype=np.uint32).view(np.int32)[0]
+            if not bits.any():
+                bits[opener >> 5] = word
         self._bits = bits
         return bits
 
@@ -579,10 +598,27 @@ class ToolCallMatcher:
             open_token_id=self.constraint.open_token_id,
             opener=self._opener,
         )
+        if len(plan) >= PLAN_LIMIT:  # no way to finish found: stop planning for this generation
+            self._max_tokens = None
+            return
+        if self._last_plan is not None:  # learn when one token added more than the bound assumed
+            needed, at = self._last_plan
+            growth = len(plan) - (needed - (self.generated - at))
+            self.constraint.observe_growth(-(-growth // max(1, self._openers)))  # per opening token
+        self._last_plan = (len(plan), self.generated)
+        self._openers = 0
         remaining = self._max_tokens - self.generated
         self._slack = remaining - len(plan) - self.constraint.growth_bound() - 4
         self._spent = 0
-        if self._slack <= 0:
+        if self._slack > 0:
+            return
+        opener = self.constraint.open_token_id
+        if not self._state.in_call and opener is not None and plan[0] != opener:
+            # Free text can run to the budget and still be valid: rather than ending it early, forbid
+            # starting a call that would not fit, and stop planning.
+            self._ban_open = True
+            self._max_tokens = None
+        else:
             self._plan = plan
 
     def allowed(self) -> Bools | None:
@@ -604,7 +640,7 @@ class ToolCallMatcher:
         assert tables is not None
         if not 0 <= token_id < tables.vocab_size:
             return False
-        tight = self._budget_tight()
+        tight = self._budget_tight() or (self._ban_open and token_id == self.constraint.open_token_id)
         overlay_hit = not has_bit(tables.no_lt_pipe, token_id) or (
             self._state.after_lt and not has_bit(tables.no_pipe_start, token_id)
         )
@@ -691,6 +727,7 @@ class ToolCallMatcher:
             opened = self._state.feed(token_id, data, open_token_id=self.constraint.open_token_id, opener=self._opener)
             if self._max_tokens is not None and self._plan is None:
                 self._spent += 1 + (self.constraint.growth_bound() if opened else 0)
+                self._openers += opened
         if self.active and not self._inner.consume_token(token_id):
             self._give_up(self._inner.get_error())
 

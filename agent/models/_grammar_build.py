@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,9 +161,7 @@ def _regex_escape(text: str) -> str:
     return "".join("\\" + c if c in r"\.^$|?*+()[]{}/-" else c for c in text)
 
 
-def lark_grammar(
-    calls: str, *, mode: str, open_marker: Marker, close_marker: Marker, allow_text_before_call: bool = True
-) -> str:
+def lark_grammar(calls: str, *, mode: str, open_marker: Marker, close_marker: Marker) -> str:
     """The whole grammar for `mode` in {"auto", "required", "none"} (a named tool is "required" over one tool)."""
     lines = ["%llguidance {}"]
     calls_rule = f'calls: "[" call ({lark_literal(", ")} call)* "]"'
@@ -184,23 +182,6 @@ def lark_grammar(
             head,
         ]
     else:
-        first = "TEXT? block" if allow_text_before_call else "block"
-        lines += [f"start: TEXT | {first}", f"block: {open_marker.lark()} calls {close_marker.lark()}"]
+        lines += ["start: TEXT | TEXT? block", f"block: {open_marker.lark()} calls {close_marker.lark()}"]
     lines += [text, calls_rule, calls]
     return "\n".join(lines) + "\n"
-
-
-def schema_mentions(schema: dict[str, Any], needle: str) -> bool:
-    """True when a literal the engine must emit verbatim (const, enum, pattern) contains `needle`."""
-    for node in walk_schemas(schema):
-        for value in [node.get("const"), *(node.get("enum") or []), node.get("pattern")]:
-            if isinstance(value, str) and needle in value:
-                return True
-    return False
-
-
-def map_tools(
-    tools: list[tuple[str, dict[str, Any]]], fn: Callable[[str, dict[str, Any]], dict[str, Any]]
-) -> list[tuple[str, dict[str, Any]]]:
-    """Apply `fn(name, schema)` to each tool's schema."""
-    return [(name, fn(name, schema)) for name, schema in tools]

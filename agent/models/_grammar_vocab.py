@@ -15,12 +15,13 @@ import numpy.typing as npt
 Bits = npt.NDArray[np.int32]
 Bools = npt.NDArray[np.bool_]
 
-# Closing mode (the token budget is nearly spent): prefer tokens made only of these bytes, in this order,
-# so that strings, numbers, arrays and objects end quickly. Inside a JSON string, tokens that start with the
-# closing quote come first; outside, quotes come late (a quote would open a new key or value). Tokens outside
-# every class stay allowed when the grammar allows nothing else (keys and enum values it forces, say).
+# Closing (the token budget is nearly spent): prefer tokens made only of these bytes, in this order, so that
+# strings, numbers, arrays and objects end quickly. Inside a JSON string, tokens that start with the closing
+# quote come first; outside, a comma comes only right after a closer (`},`) until the last class, since a
+# token that completes an item and then adds a comma would open another one. Tokens outside every class
+# stay allowed when the grammar allows nothing else (keys and enum values it forces, say).
 _IN_STRING_CLASSES = (b'"}]', b'"}],: ')
-_OUTSIDE_CLASSES = (b"}]", b"}],", b'}],: "[{', b'}],: "[{0123456789-.')
+_OUTSIDE_CLASSES = (b"}]", b"}],", b'}]: "[{', b'}]: "[{0123456789-.', b'}],: "[{0123456789-.')
 
 
 def words_for(vocab_size: int) -> int:
