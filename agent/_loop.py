@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,9 @@ class Agent:
         approver: called before each call of a tool marked `requires_approval`.
         memory: a `memory.Store` (or any `RunStore`): every step is committed as it completes.
         context: a context policy fitting the history to the model's window before each request.
+        reset_tool_choice: after a step with tool calls, send `tool_choice="auto"` again when the settings
+            ask for `required` or a named tool, so a forced first call does not force every later step
+            (the run could never end).
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class Agent:
         approver: Approver | None = None,
         memory: RunStore | None = None,
         context: ContextFitter | None = None,
+        reset_tool_choice: bool = True,
     ) -> None:
         if not isinstance(model, Model):
             raise UserError(f"model must be an agent.models.Model, got {type(model).__name__}")
@@ -110,6 +115,7 @@ class Agent:
         self.approver = approver
         self.memory = memory
         self.context = context
+        self.reset_tool_choice = reset_tool_choice
         self._call_ids = itertools.count()
 
     # ------------------------------------------------------------------ public entry points
@@ -219,6 +225,11 @@ class Agent:
             deps=deps,
             settings=settings or self.settings,
         )
+        run_messages = state.messages[state.first_new :]
+        executed = run_messages[:-1] if run_messages and run_messages[-1].role == "assistant" else run_messages
+        state.tool_calls = sum(len(m.tool_calls) for m in executed if m.role == "assistant")  # for max_tool_calls
+        if self.reset_tool_choice and any(m.role == "tool" for m in run_messages):
+            state.settings = dataclasses.replace(state.settings, tool_choice="auto")
         async for event in self._drive(state):
             yield event
 
@@ -316,6 +327,8 @@ class Agent:
         message = Message(role="tool", parts=tuple(parts))
         state.messages.append(message)
         await self._commit(state, "tools", [message])
+        if self.reset_tool_choice and state.settings.tool_choice not in ("auto", "none"):
+            state.settings = dataclasses.replace(state.settings, tool_choice="auto")
         for part in parts:  # budgets are checked once the results are part of the transcript
             if isinstance(part, RetryPart):
                 self._count_retry(state, part)

@@ -70,6 +70,7 @@ class FunctionModel(Model):
     `token_counter` and `context_length` let it stand in for a backend that counts tokens exactly.
     The function may return a `ModelResponse`, an assistant `Message`, a string (final text), or a list of
     parts (text and `ToolCallPart`s, see `agent.testing.call`); it may be async. Text is streamed word by word.
+    `requests` and `infos` record what each request received.
     """
 
     def __init__(
@@ -85,6 +86,7 @@ class FunctionModel(Model):
         self._token_counter = token_counter
         self.context_length = context_length
         self.requests: list[list[Message]] = []
+        self.infos: list[AgentInfo] = []
         self._count = _PrefixCount()
 
     @property
@@ -97,6 +99,7 @@ class FunctionModel(Model):
         history = list(messages)
         self.requests.append(history)
         info = AgentInfo(tools=list(tools), settings=settings, request_index=len(self.requests) - 1)
+        self.infos.append(info)
         out = self.function(history, info)
         if inspect.isawaitable(out):
             out = await out

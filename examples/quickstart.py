@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from smollm2_agent import FEW_SHOT, SYSTEM, get_weather  # the weather tool and worked examples
+from smollm2_agent import SYSTEM, get_weather  # the weather tool
 
 from agent import Agent
 from agent.events import FinalEvent, RetryEvent, ToolCallEvent, ToolResultEvent
@@ -32,10 +32,12 @@ async def main(question: str, spec: str) -> int:
     model = resolve_model(spec)
     print(f"model: {model.name} (loaded in {time.perf_counter() - start:.1f} s)")
     small = "phi-4" not in model.name.lower()
-    agent = Agent(model, tools=[get_weather], system_prompt=SYSTEM, max_steps=4, settings=ModelSettings(max_tokens=80))
+    # A 135M model rarely decides to call a tool by itself: make its first step a call (decoding is grammar-
+    # constrained, so the call is valid); the agent sends tool_choice="auto" after it. Phi-4 decides alone.
+    settings = ModelSettings(max_tokens=80, tool_choice="required" if small else "auto")
+    agent = Agent(model, tools=[get_weather], system_prompt=SYSTEM, max_steps=4, settings=settings)
     calls = 0
-    # a 135M model needs worked examples to follow the call format; Phi-4 does not
-    async for event in agent.run_stream(question, history=FEW_SHOT if small else ()):
+    async for event in agent.run_stream(question):
         if isinstance(event, ToolCallEvent):
             calls += 1
             print(f"tool call  : {event.call.name}({event.call.arguments})")

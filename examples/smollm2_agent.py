@@ -6,8 +6,10 @@ runs load in about two seconds. The model runs through the same `TransformersMod
 Phi-4-multimodal, with its own chat template: the tools are described in the system prompt and the model
 calls them as `<tool_call>[{"name": ..., "arguments": {...}}]</tool_call>`.
 
-A 135M-parameter model follows that format only with help: this example gives it a strict system prompt and
-two worked exchanges (few-shot). Grammar-constrained decoding will make calls reliable for any model.
+A 135M-parameter model rarely writes that format by itself. Here no worked examples are needed: decoding is
+grammar-constrained (the model can only write text or a call whose JSON validates against the tool's schema),
+and `tool_choice="required"` makes the first step a call; the agent sends `auto` after it, so the model then
+answers in text.
 
     python examples/smollm2_agent.py ["What is the weather in Oslo?"]
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent import Agent, Message, TextPart, ToolCallPart, ToolResultPart
+from agent import Agent
 from agent.events import FinalEvent, ToolCallEvent, ToolResultEvent
 from agent.models import ModelSettings
 from agent.models.transformers import TransformersModel
@@ -43,24 +45,6 @@ SYSTEM = (
 )
 
 
-def _exchange(city: str, index: int) -> list[Message]:
-    """One worked exchange: question, call, result, answer."""
-    call = ToolCallPart(id=f"example-{index}", name="get_weather", arguments={"city": city})
-    result = get_weather(city)
-    return [
-        Message.user(f"What is the weather in {city}?"),
-        Message.assistant(tool_calls=[call]),
-        Message(
-            role="tool", parts=(ToolResultPart(call_id=call.id, name=call.name, content=(TextPart(text=result),)),)
-        ),
-        Message.assistant(f"In {city} it is {result.split(': ', 1)[1]}."),
-    ]
-
-
-# Two worked exchanges, so the small model sees the call format in use (one is not enough for 135M parameters).
-FEW_SHOT = [*_exchange("Rome", 1), *_exchange("Paris", 2)]
-
-
 async def main(question: str) -> int:
     start = time.perf_counter()
     model = TransformersModel.smollm2(progress=False)
@@ -70,10 +54,10 @@ async def main(question: str) -> int:
         tools=[get_weather],
         system_prompt=SYSTEM,
         max_steps=4,
-        settings=ModelSettings(max_tokens=60),
+        settings=ModelSettings(max_tokens=60, tool_choice="required"),
     )
     calls = 0
-    async for event in agent.run_stream(question, history=FEW_SHOT):
+    async for event in agent.run_stream(question):
         if isinstance(event, ToolCallEvent):
             calls += 1
             print(f"tool call  : {event.call.name}({event.call.arguments})")

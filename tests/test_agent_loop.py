@@ -6,6 +6,7 @@ import asyncio
 import io
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -270,3 +271,27 @@ async def test_history_is_continued_and_bad_prompts_are_refused() -> None:
 
 def test_run_sync_works_outside_a_loop() -> None:
     assert Agent(_script("sync ok")).run_sync("hi").output == "sync ok"
+
+
+async def test_a_forced_tool_choice_applies_to_the_first_request_only() -> None:
+    """tool_choice='required' (or a tool name) forces a call once; later requests send 'auto' so the run ends."""
+    from agent.models import ModelSettings
+
+    def script(messages: list[Any], info: AgentInfo) -> Any:
+        if info.request_index == 0:
+            return [call("add", a=1, b=2)]
+        return "3"
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add."""
+        return a + b
+
+    for choice in ("required", "add"):
+        model = FunctionModel(script)
+        result = await Agent(model, tools=[add], settings=ModelSettings(tool_choice=choice)).run("1+2?")
+        assert result.output == "3"
+        assert [i.settings.tool_choice for i in model.infos] == [choice, "auto"]
+        kept = FunctionModel(script)
+        await Agent(kept, tools=[add], settings=ModelSettings(tool_choice=choice), reset_tool_choice=False).run("x")
+        assert [i.settings.tool_choice for i in kept.infos] == [choice, choice]

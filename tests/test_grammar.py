@@ -108,6 +108,7 @@ def assert_valid(calls: list[ToolCallPart], tools: Sequence[ToolDefinition]) -> 
 # ------------------------------------------------------------------ the acceptance runs (random logits)
 
 
+@pytest.mark.slow  # the same acceptance runs through the backend in test_constrained_backend.py
 def test_required_200_random_schemas_all_parse_and_validate(
     engine: GrammarEngine, phi4_tokenizer: Any, logit_pool: Any
 ) -> None:

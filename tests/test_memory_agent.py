@@ -183,3 +183,32 @@ async def test_in_memory_store_works_with_the_agent() -> None:
         agent = Agent(FunctionModel(two_step_script), tools=[counting_tool({})], memory=store)
         result = await agent.run("go")
         assert store.load_conversation(result.conversation_id or "") == result.new_messages
+
+
+async def test_resume_counts_the_calls_already_made_against_max_tool_calls(store: Store) -> None:
+    """4 calls ran before the failure; with max_tool_calls=5 the resumed run may not make 2 more."""
+    from agent import UsageLimits
+    from agent.exceptions import UsageLimitExceeded
+
+    def flaky(messages: list[Message], info: AgentInfo) -> str | list[Part]:
+        if sum(1 for m in messages if m.role == "assistant") == 2:
+            raise RuntimeError("the GPU fell over")
+        return two_step_script(messages, info)
+
+    def three_steps(messages: list[Message], info: AgentInfo) -> str | list[Part]:
+        step = sum(1 for m in messages if m.role == "assistant")
+        if step < 3:
+            return [ToolCallPart(id=f"s{step}-{i}", name="lookup", arguments={"key": "k"}) for i in range(2)]
+        return "finished"
+
+    counts: dict[str, int] = {}
+    with pytest.raises(RuntimeError):
+        await Agent(FunctionModel(flaky), tools=[counting_tool(counts)], memory=store).run("look")
+    [run] = store.list_runs()
+    limited = Agent(
+        FunctionModel(three_steps), tools=[counting_tool(counts)], memory=store,
+        usage_limits=UsageLimits(max_tool_calls=5),
+    )  # fmt: skip
+    with pytest.raises(UsageLimitExceeded, match="tool call limit of 5"):
+        await limited.resume(run.id)
+    assert len(counts) == 4  # the third step's calls were refused, none of the first four ran again

@@ -97,7 +97,12 @@ def test_a_tool_result_image_reaches_the_next_forward_pass(tiny_phi4: Transforme
 
 
 async def test_request_parses_a_scripted_call_and_reports_usage(tiny_phi4: TransformersModel) -> None:
-    model = _scripted(tiny_phi4, ['Checking.<|tool_call|>{"name": "f", "arguments": {"x": [1, {"y": 2}]}}<|end|>'])
+    # a lenient form (no list, no closing tag) that the parser accepts: only unconstrained decoding writes it
+    model = _scripted(
+        tiny_phi4,
+        ['Checking.<|tool_call|>{"name": "f", "arguments": {"x": [1, {"y": 2}]}}<|end|>'],
+        constrained=False,
+    )
     tools = [ToolDefinition(name="f", description="f", parameters={"type": "object"})]
     messages = [Message.user("hi")]
     response = await model.request(messages, tools, SETTINGS)

@@ -466,7 +466,7 @@ class ToolConstraint:
                 self._template,
                 self.call_prefixes,
                 tables,
-                sorted(self.engine.eos_token_ids),
+                list(self.engine.eos_token_ids),
                 self.close_token_ids,
                 open_token_id=self.open_token_id,
                 opener=self.fmt.open.encode(),
@@ -495,7 +495,7 @@ class ToolCallMatcher:
         self._max_tokens = max_tokens
         engine = constraint.engine
         self._tables = engine.tables
-        self._eos = tuple(sorted(engine.eos_token_ids))
+        self._eos = engine.eos_token_ids  # the first is the one plans end with
         self._opener = constraint.fmt.open.encode()
         self.generated = 0
         self.error: str | None = None
@@ -640,6 +640,8 @@ class ToolCallMatcher:
         assert tables is not None
         if not 0 <= token_id < tables.vocab_size:
             return False
+        if self._inner.is_stopped():  # the grammar is complete: only the end of turn may follow
+            return token_id in self._eos
         tight = self._budget_tight() or (self._ban_open and token_id == self.constraint.open_token_id)
         overlay_hit = not has_bit(tables.no_lt_pipe, token_id) or (
             self._state.after_lt and not has_bit(tables.no_pipe_start, token_id)
@@ -719,8 +721,11 @@ class ToolCallMatcher:
             else:  # the backend chose otherwise: plan again
                 self._plan = None
                 self._slack = self._spent = 0
-        if token_id in self._eos and (not self.active or self._inner.validate_tokens([token_id]) == 1):
-            self._finished = True
+        if token_id in self._eos and (
+            not self.active or self._inner.is_stopped() or self._inner.validate_tokens([token_id]) == 1
+        ):
+            self._finished = True  # the end of turn; nothing after it is matched
+            return
         tables = self._tables
         if tables is not None and 0 <= token_id < tables.vocab_size:
             data = tables.token_bytes[token_id]

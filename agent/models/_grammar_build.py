@@ -98,8 +98,22 @@ def prepare_schema(parameters: dict[str, Any]) -> tuple[dict[str, Any], list[str
             open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties", "$ref")
             if is_object and "properties" in node and not any(k in node for k in open_keys):
                 node["additionalProperties"] = False
+    for node in nodes:  # calendar-exact dates: the engine's own format regexes allow 0000-02-31
+        fmt = node.get("format")
+        if fmt in _DATE_PATTERNS and "pattern" not in node:
+            node["pattern"] = _DATE_PATTERNS[fmt]
+            del node["format"]
     schema.pop("x-guidance", None)
     return schema, problems
+
+
+# Year 0001-9999 (Python and Pydantic have no year 0), days that exist in their month, 29 February in leap years.
+_YEAR = "([0-9]{3}[1-9]|[0-9]{2}[1-9][0-9]|[0-9][1-9][0-9]{2}|[1-9][0-9]{3})"
+_MONTH_DAY = "((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|02-(0[1-9]|1[0-9]|2[0-8]))"
+_LEAP_YEAR = "([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"
+_DATE = f"({_YEAR}-{_MONTH_DAY}|{_LEAP_YEAR}-02-29)"
+_TIME = "([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+_DATE_PATTERNS = {"date": f"^{_DATE}$", "date-time": f"^{_DATE}T{_TIME}$"}
 
 
 def strip_patterns(schema: dict[str, Any]) -> list[str]:

@@ -14,6 +14,7 @@ plan for a fresh call, computed once per constraint). With `R` tokens left, the 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -104,10 +105,16 @@ def grammar_mask(inner: Any, tables: TokenTables, state: OutputState, buffers: M
 
 
 def best_closer(
-    bits: Bits, tables: TokenTables, state: OutputState, eos: Sequence[int], close_ids: Sequence[int]
+    bits: Bits,
+    tables: TokenTables,
+    state: OutputState,
+    eos: Sequence[int],
+    close_ids: Sequence[int],
+    rng: random.Random | None = None,
 ) -> int | None:
     """The token that best closes the output: an allowed end-of-turn or close-marker id, else the longest
-    allowed token of the best closing class, else the longest allowed token; None when nothing is allowed."""
+    allowed token of the best closing class (a random one of that class with `rng`), else the longest allowed
+    token; None when nothing is allowed."""
     for token in (*eos, *close_ids):
         if has_bit(bits, token):
             return token
@@ -115,7 +122,7 @@ def best_closer(
         if len(ids):
             found = np.flatnonzero((bits[ids >> 5] >> (ids & 31).astype(np.int32)) & 1)
             if len(found):
-                return int(ids[found[0]])
+                return int(ids[found[rng.randrange(len(found))] if rng is not None else found[0]])
     allowed = set_ids(bits, tables.vocab_size)
     if not len(allowed):
         return None
@@ -133,7 +140,35 @@ def plan_closing(
     open_token_id: int | None,
     opener: bytes,
 ) -> list[int]:
-    """Tokens that finish the output from the current state (the last one an end-of-turn id); runs on a copy."""
+    """Tokens that finish the output from the current state (the last one an end-of-turn id); runs on a copy.
+
+    The greedy choice can loop where a schema needs a particular digit (`-0.000...` under an exclusive
+    minimum, say): a run of one repeated token ends that attempt, and a few randomized attempts follow.
+    `PLAN_LIMIT` tokens mean no way to finish was found.
+    """
+    for attempt in range(_ATTEMPTS):
+        rng = random.Random(attempt) if attempt else None
+        path = _plan_once(inner, tables, state, eos, close_ids, buffers, open_token_id, opener, rng)
+        if len(path) < PLAN_LIMIT:
+            return path
+    return [0] * PLAN_LIMIT
+
+
+_ATTEMPTS = 4
+_REPEAT = 16  # one token this many times in a row: the attempt is looping
+
+
+def _plan_once(
+    inner: Any,
+    tables: TokenTables,
+    state: OutputState,
+    eos: Sequence[int],
+    close_ids: Sequence[int],
+    buffers: MaskBuffers,
+    open_token_id: int | None,
+    opener: bytes,
+    rng: random.Random | None,
+) -> list[int]:
     sim = inner.deep_copy()
     sim_state = state.copy()
     path: list[int] = []
@@ -143,11 +178,14 @@ def plan_closing(
         if sim.is_accepting() or sim.is_stopped():
             path.append(eos[0] if eos else 0)
             return path
+        if len(path) >= _REPEAT and len(set(path[-_REPEAT:])) == 1:
+            return [0] * PLAN_LIMIT
         forced = sim.compute_ff_tokens()
         if forced:
             chosen = list(forced)
         else:
-            best = best_closer(grammar_mask(sim, tables, sim_state, buffers), tables, sim_state, eos, close_ids)
+            bits = grammar_mask(sim, tables, sim_state, buffers)
+            best = best_closer(bits, tables, sim_state, eos, close_ids, rng)
             if best is None:
                 return [0] * PLAN_LIMIT
             chosen = [best]

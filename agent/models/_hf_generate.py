@@ -14,6 +14,7 @@ built in and recomputes the whole sequence once when a prompt, or a decode step,
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,8 @@ from agent.models._hf_prompt import Format, MediaSpan, Prompt
 
 if TYPE_CHECKING:
     import torch
+
+    from agent.models._grammar import ToolCallMatcher, ToolConstraint
 
 LogitsProcessor = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 """`(input_ids [1, n], scores [1, vocab]) -> scores`, the interface of transformers' logits processors."""
@@ -53,6 +56,9 @@ class Completion:
     output_tokens: int
     prefill_tokens: int
     finish_reason: str
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    constraint_error: str | None = None  # why the grammar stopped constraining this generation, if it did
 
 
 def common_prefix(state: CacheState, prompt: Prompt) -> int:
@@ -228,13 +234,17 @@ class Engine:
         *,
         streamer: Streamer | None = None,
         cancel: threading.Event | None = None,
+        constraint: ToolConstraint | None = None,
     ) -> Completion:
-        """Prefill what the cache lacks, then sample until a stop token, a stop string or the token budget."""
+        """Prefill what the cache lacks, then sample until a stop token, a stop string or the token budget.
+
+        With `constraint`, every sampled token is one its grammar allows (tool calls parse and validate).
+        """
         import torch
 
         try:
             with torch.inference_mode():
-                return self._generate(prompt, settings, max_new_tokens, streamer, cancel)
+                return self._generate(prompt, settings, max_new_tokens, streamer, cancel, constraint)
         except BaseException:
             self.state.reset()  # a failed forward leaves the cache half-written
             raise
@@ -246,30 +256,49 @@ class Engine:
         max_new_tokens: int,
         streamer: Streamer | None,
         cancel: threading.Event | None,
+        constraint: ToolConstraint | None,
     ) -> Completion:
         import torch
 
+        started = time.perf_counter()
         logits, prefill = self._prefill(prompt)
         fmt = self.fmt
         ids = list(prompt.ids)
         generated: list[int] = []
         stops = tuple(s for s in settings.stop if s)
         banned = list(fmt.banned_ids)
-        if settings.tool_choice == "none" and fmt.open_tag == pf.TOOL_CALL and hasattr(fmt, "tool_call_id"):
+        matcher: ToolCallMatcher | None = None
+        if constraint is not None and constraint.constrained:
+            forced = prompt.ids[len(prompt.ids) - prompt.prefix_length :] if prompt.prefix_length else []
+            matcher = constraint.start(max_new_tokens, prefix=forced)
+        elif settings.tool_choice == "none" and fmt.open_tag == pf.TOOL_CALL and hasattr(fmt, "tool_call_id"):
             banned.append(fmt.tool_call_id)
+        # Tokens the grammar forces (`"arguments": {"` after a name, the closing of a call) go through the model
+        # in one forward pass; not with logits processors, which expect to see every step.
+        fast_forward = matcher is not None and not self.logits_processors
         generator = None
         if settings.temperature > 0 and settings.seed is not None:
             generator = torch.Generator(device=logits.device).manual_seed(settings.seed)
         finish = "length"
         text = ""
-        for _ in range(max_new_tokens):
+        decode_started = time.perf_counter()
+        while len(generated) < max_new_tokens:
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
                 break
-            token = self._sample(logits, ids, banned, settings, generator)
-            generated.append(token)
-            if token in fmt.stop_ids:
-                finish = "stop"
+            step = [self._sample(logits, ids, banned, settings, generator, matcher)]
+            if matcher is not None:
+                matcher.advance(step[0])
+                if fast_forward and matcher.in_call and step[0] not in fmt.stop_ids:
+                    for token in matcher.forced_tokens()[: max_new_tokens - len(generated) - 1]:
+                        matcher.advance(token)
+                        step.append(token)
+            for token in step:
+                generated.append(token)
+                if token in fmt.stop_ids:
+                    finish = "stop"
+                    break
+            if finish == "stop":
                 break
             if stops or streamer is not None:
                 text = prompt.prefix + fmt.decode(generated)
@@ -278,26 +307,37 @@ class Engine:
                     break
                 if streamer is not None:
                     streamer.update(text)
+            if matcher is not None and matcher.done and not self.logits_processors:
+                # The grammar allows nothing but the end of the turn: write it without another forward pass
+                # (with logits processors, they see that step too, so the loop samples it).
+                generated.append(fmt.end_ids[0])
+                finish = "stop"
+                break
             if len(generated) >= max_new_tokens:
                 break
-            ids.append(token)
+            start = len(ids)
+            ids.extend(step)
             if self.rope_switch is not None and not self.state.long_rope and len(ids) > self.rope_switch:
                 logits = self._recompute(ids, prompt.spans, prompt.mode)  # crossing the longrope switch
                 prefill += len(ids)
             else:
-                logits = self._forward(ids, len(ids) - 1, (), prompt.mode)
-                self.state.ids.append(token)
+                logits = self._forward(ids, start, (), prompt.mode)
+                self.state.ids.extend(step)
         body = generated[:-1] if finish == "stop" and generated and generated[-1] in fmt.stop_ids else generated
         text = prompt.prefix + fmt.decode(body)
         if stops:
             cut = min((text.find(s) for s in stops if s in text), default=-1)
             text = text if cut < 0 else text[:cut]
+        ended = time.perf_counter()
         return Completion(
             text=text,
             input_tokens=len(prompt.ids),
             output_tokens=len(generated),
             prefill_tokens=prefill,
             finish_reason=finish,
+            prefill_seconds=decode_started - started,
+            decode_seconds=ended - decode_started,
+            constraint_error=matcher.error if matcher is not None else None,
         )
 
     def _sample(
@@ -307,6 +347,7 @@ class Engine:
         banned: list[int],
         settings: ModelSettings,
         generator: torch.Generator | None,
+        matcher: ToolCallMatcher | None = None,
     ) -> int:
         import torch
 
@@ -317,16 +358,36 @@ class Engine:
             input_ids = torch.tensor([ids], dtype=torch.long, device=scores.device)
             for processor in self.logits_processors:
                 scores = processor(input_ids, scores)
-        if settings.temperature <= 0:
-            return int(scores[0].argmax())
-        probs = torch.softmax(scores[0] / settings.temperature, dim=-1)
-        if settings.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            cumulative = sorted_probs.cumsum(-1)
-            drop = cumulative - sorted_probs > settings.top_p  # keep the smallest set reaching top_p
-            sorted_probs[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=generator))
+        if matcher is None or not matcher.active:
+            return _pick(scores[0], settings, generator)
+        if settings.top_p >= 1.0 and not matcher.closing:
+            # Sample first and mask only on a rejection: the same distribution (rejection sampling), and most
+            # tokens of a trained model are accepted, so most steps skip the mask.
+            token = _pick(scores[0], settings, generator)
+            if matcher.accepts(token):
+                return token
+        masked = matcher.mask_logits(scores[0].clone() if self.logits_processors else scores[0])
+        if bool(torch.isinf(masked).all()):
+            # A logits processor forced a token the grammar forbids (a scripted test, say): the processor wins,
+            # and the matcher, fed a token it rejects, warns and stops constraining.
+            return _pick(scores[0], settings, generator)
+        return _pick(masked, settings, generator)
+
+
+def _pick(scores: torch.Tensor, settings: ModelSettings, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0, else a sample with temperature and top-p, from one row of scores."""
+    import torch
+
+    if settings.temperature <= 0:
+        return int(scores.argmax())
+    probs = torch.softmax(scores / settings.temperature, dim=-1)
+    if settings.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        cumulative = sorted_probs.cumsum(-1)
+        drop = cumulative - sorted_probs > settings.top_p  # keep the smallest set reaching top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class Streamer:

@@ -52,6 +52,7 @@ class Prompt:
     spans: tuple[MediaSpan, ...] = ()
     mode: tuple[str | None, str | None] = (None, None)
     prefix: str = ""  # completion text forced after the prompt (tool_choice), already in `ids`
+    prefix_length: int = 0  # how many of the last `ids` are that prefix
 
 
 class Format:
@@ -60,6 +61,7 @@ class Format:
     open_tag: str = pf.TOOL_CALL
     tokenizer: Any
     stop_ids: frozenset[int] = frozenset()
+    end_ids: tuple[int, ...] = ()  # the stop ids that end a turn normally (a grammar's end of output)
     banned_ids: tuple[int, ...] = ()
 
     def __init__(self, tokenizer: Any) -> None:
@@ -110,6 +112,7 @@ class Phi4Format(Format):
         if missing:
             raise ModelError(f"the tokenizer lacks Phi-4 control tokens {missing}: is this a Phi-4 tokenizer?")
         self.stop_ids = frozenset(self._ids_of([pf.END, pf.EOS, pf.USER, pf.SYSTEM, pf.ASSISTANT, pf.TOOL_RESPONSE]))
+        self.end_ids = tuple(self._ids_of([pf.END, pf.EOS]))
         self.banned_ids = tuple(i for i in (self.image_id, self.audio_id) if i >= 0)
         self.tool_call_id = vocab[pf.TOOL_CALL]
         self.counter: MediaCounter | None = None
@@ -141,13 +144,13 @@ class Phi4Format(Format):
         ids = self.encode("".join(chunks), special=True)
         spans = self._spans(ids, order)
         self._check_controls(ids, rendered.control_tokens, sum(s.length for s in spans))
-        if prefix:
-            ids.extend(self.encode(prefix))
+        prefix_ids = self.encode(prefix) if prefix else []
+        ids.extend(prefix_ids)
         has_image, has_audio = bool(rendered.images), bool(rendered.audio)
         adapter = "vision" if has_image else "speech" if has_audio else None
         projection = ("vision" if has_image else "speech") if has_audio else None
         mode = (adapter if adapter in self.adapters else None, projection)
-        return Prompt(ids=ids, spans=spans, mode=mode, prefix=prefix)
+        return Prompt(ids=ids, spans=spans, mode=mode, prefix=prefix, prefix_length=len(prefix_ids))
 
     def _spans(
         self, ids: list[int], order: list[tuple[Literal["image", "audio"], ImagePart | AudioPart, int, bytes]]
@@ -230,6 +233,7 @@ class ChatFormat(Format):
         if tokenizer.eos_token_id is not None:
             ids.add(int(tokenizer.eos_token_id))
         self.stop_ids = frozenset(ids)
+        self.end_ids = tuple(sorted(ids))
         self.trailers = tuple(str(t) for t in (tokenizer.eos_token,) if t)
 
     def _accepts_role(self, role: str) -> bool:
@@ -308,8 +312,9 @@ class ChatFormat(Format):
 
     def build(self, messages: Sequence[Message], tools: Sequence[ToolDefinition], settings: ModelSettings) -> Prompt:
         prefix = _forced_prefix(settings, tools, TOOL_OPEN)
-        ids = self.encode(self.render(messages, tools) + prefix)
-        return Prompt(ids=ids, prefix=prefix)
+        prefix_ids = self.encode(prefix) if prefix else []  # apart, so the grammar sees exactly these tokens
+        ids = self.encode(self.render(messages, tools)) + prefix_ids
+        return Prompt(ids=ids, prefix=prefix, prefix_length=len(prefix_ids))
 
     def parse(self, raw: str) -> ParsedCompletion:
         return pf.parse_completion(raw, open_tag=TOOL_OPEN, close_tag=TOOL_CLOSE, trailers=self.trailers)

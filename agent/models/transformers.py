@@ -18,6 +18,9 @@ What this backend does that generic wrappers do not:
   are prefilled (`ModelResponse.usage.prefill_tokens` says how many), media compared by content hash, and
   the longrope switch at 4096 tokens handled by one recompute instead of silently wrong tokens.
 * Streaming text deltas that never show the start of a tool-call block.
+* Grammar-constrained tool calls (llguidance): with tools, the model can only write text or a call block
+  whose JSON names a registered tool with arguments valid against its schema; `tool_choice` auto, required,
+  none or a tool name. Works with streaming and KV reuse; `constrained=False` turns it off.
 
 Other chat models (SmolLM2, Qwen, Llama, ...) run through the same class with their own chat template;
 tools are described in the system prompt and calls read from `<tool_call>[...]</tool_call>`.
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +49,8 @@ from agent.models._hf_prompt import ChatFormat, Format, Phi4Format
 
 if TYPE_CHECKING:
     import torch
+
+    from agent.models._grammar import GrammarEngine, ToolConstraint
 
 __all__ = ["PHI4_ID", "PHI4_REVISION", "LogitsProcessor", "TransformersModel", "smollm2_path"]
 
@@ -67,6 +73,9 @@ class TransformersModel(Model):
             (transformers' `LogitsProcessor` interface), e.g. `agent.models.tiny.ScriptedOutputs`.
         adapters: names of loaded LoRA adapters to route per request (`"vision"`, `"speech"`); by default
             those found on the model.
+        constrained: constrain decoding with a grammar built from the request's tools and `tool_choice`
+            (needs `llguidance`, in the `local` extra; without it a `ConstraintWarning` says decoding is
+            free and calls are validated after decoding, as with `constrained=False`).
     """
 
     def __init__(
@@ -78,6 +87,7 @@ class TransformersModel(Model):
         name: str | None = None,
         logits_processors: Sequence[LogitsProcessor] = (),
         adapters: Sequence[str] | None = None,
+        constrained: bool = True,
     ) -> None:
         config = getattr(model, "config", None)
         if config is None or not callable(model):
@@ -111,6 +121,9 @@ class TransformersModel(Model):
             adapters=routed,
         )
         self._lock = threading.Lock()
+        #: Whether tool calls are grammar-constrained (see the class docs).
+        self.constrained = constrained
+        self._grammar: GrammarEngine | None = None
         #: Attention implementation chosen at load time (None when built from objects).
         self.attn_implementation: str | None = getattr(config, "_attn_implementation", None)
 
@@ -132,6 +145,7 @@ class TransformersModel(Model):
         trust_remote_code: bool = False,
         name: str | None = None,
         logits_processors: Sequence[LogitsProcessor] = (),
+        constrained: bool = True,
     ) -> TransformersModel:
         """Load a model from the Hugging Face hub (or its cache) or a local folder.
 
@@ -150,6 +164,7 @@ class TransformersModel(Model):
             trust_remote_code: passed to transformers for non-native architectures.
             name: the model name reported in responses.
             logits_processors: see the class docs.
+            constrained: grammar-constrained tool calls (see the class docs).
 
         Raises:
             ModelLoadError: weights missing (offline without a cache: the message says to pass a local
@@ -176,6 +191,7 @@ class TransformersModel(Model):
             name=label,
             logits_processors=logits_processors,
             adapters=sorted(loaded.adapters),
+            constrained=constrained,
         )
         instance.attn_implementation = loaded.attn_implementation
         return instance
@@ -285,13 +301,26 @@ class TransformersModel(Model):
                     "(Agent(context=...))"
                 )
             budget = settings.max_tokens if limit is None else min(settings.max_tokens, limit - size)
+            constraint = self._constraint(tools, settings)
             try:
-                completion = self._engine.generate(prompt, settings, budget, streamer=streamer, cancel=cancel)
+                completion = self._engine.generate(
+                    prompt, settings, budget, streamer=streamer, cancel=cancel, constraint=constraint
+                )
             except MMAgentError:
                 raise
             except Exception as exc:
                 raise self._seam_error(exc, size) from exc
         return self._response(completion, streamer)
+
+    def _constraint(self, tools: list[ToolDefinition], settings: ModelSettings) -> ToolConstraint | None:
+        """The grammar for this request's tools and tool_choice (built once per tokenizer, cached per tool set)."""
+        if not self.constrained or not tools:
+            return None
+        from agent.models._grammar import PHI4_FORMAT, TAGGED_FORMAT
+
+        if self._grammar is None:
+            self._grammar = grammar_engine(self.tokenizer, self._format.end_ids, _output_size(self.model))
+        return self._grammar.constraint(tools, settings.tool_choice, PHI4_FORMAT if self.is_phi4 else TAGGED_FORMAT)
 
     def _response(self, completion: Completion, streamer: Streamer | None) -> ModelResponse:
         parsed = self._format.parse(completion.text)
@@ -323,6 +352,36 @@ class TransformersModel(Model):
                 "(Agent(context=...)), load with a smaller dtype, or free accelerator memory"
             )
         return ModelError(f"{self.name} failed while generating: {type(exc).__name__}: {exc}")
+
+
+_ENGINES: weakref.WeakKeyDictionary[Any, dict[tuple[tuple[int, ...], int | None], GrammarEngine]] = (
+    weakref.WeakKeyDictionary()
+)
+_ENGINES_LOCK = threading.Lock()
+
+
+def grammar_engine(tokenizer: Any, eos: Sequence[int], vocab_size: int | None) -> GrammarEngine:
+    """One grammar engine per tokenizer object (about a second to build for a 200K vocabulary), shared by the
+    models built on it."""
+    from agent.models._grammar import GrammarEngine
+
+    key = (tuple(eos), vocab_size)
+    with _ENGINES_LOCK:
+        per_tokenizer = _ENGINES.setdefault(tokenizer, {})
+        engine = per_tokenizer.get(key)
+        if engine is None:
+            engine = GrammarEngine.from_tokenizer(tokenizer, eos_token_ids=eos, vocab_size=vocab_size)
+            per_tokenizer[key] = engine
+        return engine
+
+
+def _output_size(model: Any) -> int | None:
+    """The number of logits the model outputs (its vocabulary, padding included)."""
+    try:
+        head = model.get_output_embeddings()
+        return int(head.weight.shape[0]) if head is not None else None
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def _eos_ids(model: Any) -> list[int]:
