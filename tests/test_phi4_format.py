@@ -316,3 +316,16 @@ def test_stream_holds_back_partial_markers_and_stop_strings() -> None:
     assert stream_safe_length("caf\ufffd") == len("caf")
     assert stream_safe_length('{"na') == 0
     assert stream_safe_length('{"answer": 1}') == len('{"answer": 1}')
+
+
+def test_a_textual_close_tag_inside_a_json_string_does_not_end_the_block() -> None:
+    """Plain chat models spell `</tool_call>` as text, so it may appear inside an argument (seen on SmolLM2)."""
+    raw = '<tool_call>[{"name": "note", "arguments": {"text": "a </tool_call> b"}}]</tool_call>Done.'
+    parsed = parse_completion(raw, open_tag="<tool_call>", close_tag="</tool_call>")
+    assert parsed.errors == ()
+    assert [(p.name, p.arguments) for p in parsed.parts if isinstance(p, ToolCallPart)] == [
+        ("note", {"text": "a </tool_call> b"})
+    ]
+    assert [p.text for p in parsed.parts if isinstance(p, TextPart)] == ["Done."]
+    broken = parse_completion('<tool_call>[{"name": "note"</tool_call>', open_tag="<tool_call>", close_tag="</tool_call>")
+    assert broken.errors and "invalid JSON" in broken.errors[0]

@@ -664,20 +664,38 @@ class ToolCallMatcher:
             return self._mask_on_device(logits, bits, size)
         return self._mask_cpu(logits, bits, size)
 
-    def _mask_cpu(self, logits: torch.Tensor, bits: Bits, size: int) -> torch.Tensor:
-        """Mask on CPU by index: cheaper than a full `masked_fill` when either side of the mask is small."""
+    def allowed_ids(self) -> torch.Tensor | None:
+        """The allowed token ids (a CPU int64 tensor) when they are at most half the vocabulary, else None.
+
+        Sampling among these ids' logits gives exactly the masked distribution, at a cost that grows with the
+        allowed set rather than the vocabulary (inside JSON it is usually small).
+        """
+        bits = self.allowed_bits()
+        if bits is None or self._tables is None:
+            return None
+        ids, keeps = self._ids_for(bits, self._tables.vocab_size)
+        return ids if keeps else None
+
+    def _ids_for(self, bits: Bits, limit: int) -> tuple[Any, bool]:
+        """(ids, True) for the allowed ids when they are the smaller side of the mask, else (disallowed ids, False)."""
         import torch
 
-        n = logits.shape[-1]
         if self._plan:
-            keep, keeps = torch.tensor([self._plan[0]]), True
-        elif (signature := bits.tobytes()) == self._last_bits:
-            keep, keeps = self._last_ids  # the same mask as the last step (inside a long string, say)
-        else:
-            keeps = count(bits) * 2 <= size
-            keep = torch.from_numpy(set_ids(bits if keeps else np.invert(bits), min(n, size)))
-            self._last_bits = signature
-            self._last_ids = (keep, keeps)
+            return torch.tensor([self._plan[0]]), True
+        signature = bits.tobytes()
+        if signature == self._last_bits and self._last_ids[0] is not None:
+            return self._last_ids  # the same mask as the last step (inside a long string, say)
+        assert self._tables is not None
+        keeps = count(bits) * 2 <= self._tables.vocab_size
+        ids = torch.from_numpy(set_ids(bits if keeps else np.invert(bits), limit))
+        self._last_bits = signature
+        self._last_ids = (ids, keeps)
+        return ids, keeps
+
+    def _mask_cpu(self, logits: torch.Tensor, bits: Bits, size: int) -> torch.Tensor:
+        """Mask on CPU by index: cheaper than a full `masked_fill` when either side of the mask is small."""
+        n = logits.shape[-1]
+        keep, keeps = self._ids_for(bits, min(n, size))
         if keeps:
             values = logits.index_select(-1, keep)
             logits.fill_(float("-inf"))

@@ -58,6 +58,7 @@ class Completion:
     finish_reason: str
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    forward_passes: int = 0  # decode steps that ran the model (forced tokens share one)
     constraint_error: str | None = None  # why the grammar stopped constraining this generation, if it did
 
 
@@ -110,6 +111,7 @@ class Engine:
         self.rope_switch = rope_switch
         self.adapters = adapters
         self.state = CacheState()
+        self._rejected = False  # the last sample-first step was rejected by the grammar
         config = model.config
         layer_types = getattr(config, "layer_types", None) or ()
         # Sliding-window layers keep only the last `window` tokens, so a cut back is exact only while the
@@ -276,12 +278,14 @@ class Engine:
         # Tokens the grammar forces (`"arguments": {"` after a name, the closing of a call) go through the model
         # in one forward pass; not with logits processors, which expect to see every step.
         fast_forward = matcher is not None and not self.logits_processors
+        self._rejected = False
         generator = None
         if settings.temperature > 0 and settings.seed is not None:
             generator = torch.Generator(device=logits.device).manual_seed(settings.seed)
         finish = "length"
         text = ""
         decode_started = time.perf_counter()
+        forwards = 0
         while len(generated) < max_new_tokens:
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
@@ -317,6 +321,7 @@ class Engine:
                 break
             start = len(ids)
             ids.extend(step)
+            forwards += 1
             if self.rope_switch is not None and not self.state.long_rope and len(ids) > self.rope_switch:
                 logits = self._recompute(ids, prompt.spans, prompt.mode)  # crossing the longrope switch
                 prefill += len(ids)
@@ -337,6 +342,7 @@ class Engine:
             finish_reason=finish,
             prefill_seconds=decode_started - started,
             decode_seconds=ended - decode_started,
+            forward_passes=forwards,
             constraint_error=matcher.error if matcher is not None else None,
         )
 
@@ -360,18 +366,28 @@ class Engine:
                 scores = processor(input_ids, scores)
         if matcher is None or not matcher.active:
             return _pick(scores[0], settings, generator)
-        if settings.top_p >= 1.0 and not matcher.closing:
+        if settings.top_p >= 1.0 and not matcher.closing and not self._rejected:
             # Sample first and mask only on a rejection: the same distribution (rejection sampling), and most
-            # tokens of a trained model are accepted, so most steps skip the mask.
+            # tokens of a trained model are accepted, so most steps skip the mask. After a rejection the next
+            # step masks first (an untrained model's every sample is rejected).
             token = _pick(scores[0], settings, generator)
             if matcher.accepts(token):
                 return token
-        masked = matcher.mask_logits(scores[0].clone() if self.logits_processors else scores[0])
-        if bool(torch.isinf(masked).all()):
-            # A logits processor forced a token the grammar forbids (a scripted test, say): the processor wins,
-            # and the matcher, fed a token it rejects, warns and stops constraining.
-            return _pick(scores[0], settings, generator)
-        return _pick(masked, settings, generator)
+            self._rejected = True
+        else:
+            self._rejected = False
+        allowed = matcher.allowed_ids() if scores.device.type == "cpu" else None
+        if allowed is not None:  # sample among the allowed logits only: the masked distribution, cheaper
+            subset = scores[0].index_select(0, allowed)
+            if not bool(torch.isinf(subset).all()):
+                return int(allowed[_pick(subset, settings, generator)])
+        else:
+            masked = matcher.mask_logits(scores[0].clone() if self.logits_processors else scores[0])
+            if not bool(torch.isinf(masked).all()):
+                return _pick(masked, settings, generator)
+        # A logits processor forced a token the grammar forbids (a scripted test, say): the processor wins, and
+        # the matcher, fed a token it rejects, warns and stops constraining.
+        return _pick(scores[0], settings, generator)
 
 
 def _pick(scores: torch.Tensor, settings: ModelSettings, generator: torch.Generator | None) -> int:

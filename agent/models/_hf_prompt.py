@@ -66,14 +66,14 @@ class Format:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self._lock = threading.Lock()  # fast tokenizers are not safe to call from two threads at once
+        self.tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to call from two threads at once
 
     def encode(self, text: str, *, special: bool = False) -> list[int]:
-        with self._lock:
+        with self.tokenizer_lock:
             return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:
-        with self._lock:
+        with self.tokenizer_lock:
             return str(self.tokenizer.decode(list(ids), skip_special_tokens=False))
 
     def build(self, messages: Sequence[Message], tools: Sequence[ToolDefinition], settings: ModelSettings) -> Prompt:
@@ -304,7 +304,7 @@ class ChatFormat(Format):
                         body = f"<tool_response>{body}</tool_response>"
                     turns.append({"role": self._tool_role, "content": body})
         try:
-            with self._lock:
+            with self.tokenizer_lock:
                 text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # jinja errors from the model's own template (unsupported roles, ...)
             raise ModelError(f"the model's chat template failed: {exc}") from exc

@@ -310,18 +310,22 @@ def _parse(raw: str, open_tag: str, close_tag: str, trailers: tuple[str, ...]) -
                 break
             texts.append(text[pos:start])
             body_start = start + len(open_tag)
-            end = text.find(close_tag, body_start)
+            # The JSON is read first, so a close tag spelled inside one of its strings (a textual
+            # `</tool_call>`) does not end the block; the close tag is looked for after it.
+            decoded = _decode_at(text, _skip_ws(text, body_start))
+            search_from = decoded[1] if not isinstance(decoded, str) else body_start
+            end = text.find(close_tag, search_from)
             body_end = end if end >= 0 else len(text)
-            body = text[body_start:body_end]
-            decoded = _decode_at(body, _skip_ws(body, 0))
             if isinstance(decoded, str):
-                errors.append(decoded)
+                body = text[body_start:body_end]  # report the error as found within the block
+                within = _decode_at(body, _skip_ws(body, 0))
+                errors.append(within if isinstance(within, str) else decoded)
             else:
                 value, stop = decoded
                 found, bad = _to_calls(value)
                 calls.extend(found)
                 errors.extend(bad)
-                rest = body[stop:].strip()
+                rest = text[stop:body_end].strip()
                 if rest:
                     errors.append(f"unexpected text after the JSON inside {open_tag}: {_clip(rest)}")
             pos = body_end + len(close_tag) if end >= 0 else len(text)

@@ -32,10 +32,12 @@ torch and transformers are imported only when a model is loaded or built: `impor
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import threading
 import weakref
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,9 +54,29 @@ if TYPE_CHECKING:
 
     from agent.models._grammar import GrammarEngine, ToolConstraint
 
-__all__ = ["PHI4_ID", "PHI4_REVISION", "LogitsProcessor", "TransformersModel", "smollm2_path"]
+__all__ = ["PHI4_ID", "PHI4_REVISION", "GenerationStats", "LogitsProcessor", "TransformersModel", "smollm2_path"]
 
 _PHI4_MARKERS = (pf.SYSTEM, pf.USER, pf.ASSISTANT, pf.END, pf.TOOL_CALL, pf.TOOL_CALL_END)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationStats:
+    """Where the time of one request went.
+
+    Attributes:
+        prefill_seconds: bringing the KV cache up to the prompt (only the tokens it lacked).
+        decode_seconds: generating the output.
+        output_tokens: tokens generated.
+        forward_passes: decode steps that ran the model; fewer than `output_tokens` when the grammar forced
+            several tokens at once (`"arguments": {"`, the closing of a call).
+        constraint_error: why the grammar stopped constraining, when it did (a `ConstraintWarning` said so).
+    """
+
+    prefill_seconds: float
+    decode_seconds: float
+    output_tokens: int
+    forward_passes: int
+    constraint_error: str | None = None
 
 
 class TransformersModel(Model):
@@ -121,9 +143,15 @@ class TransformersModel(Model):
             adapters=routed,
         )
         self._lock = threading.Lock()
+        #: Timings of the last request (for benchmarks and profiling); None before the first.
+        self.last_stats: GenerationStats | None = None
         #: Whether tool calls are grammar-constrained (see the class docs).
         self.constrained = constrained
         self._grammar: GrammarEngine | None = None
+        if constrained and importlib.util.find_spec("llguidance") is not None:
+            # Reading a 200K vocabulary takes seconds: do it now, beside whatever the caller does next, rather
+            # than in the first request with tools (which waits for it if it is not done).
+            threading.Thread(target=self._grammar_engine, name="mmagent-grammar", daemon=True).start()
         #: Attention implementation chosen at load time (None when built from objects).
         self.attn_implementation: str | None = getattr(config, "_attn_implementation", None)
 
@@ -318,11 +346,24 @@ class TransformersModel(Model):
             return None
         from agent.models._grammar import PHI4_FORMAT, TAGGED_FORMAT
 
+        fmt = PHI4_FORMAT if self.is_phi4 else TAGGED_FORMAT
+        return self._grammar_engine().constraint(tools, settings.tool_choice, fmt)
+
+    def _grammar_engine(self) -> GrammarEngine:
         if self._grammar is None:
-            self._grammar = grammar_engine(self.tokenizer, self._format.end_ids, _output_size(self.model))
-        return self._grammar.constraint(tools, settings.tool_choice, PHI4_FORMAT if self.is_phi4 else TAGGED_FORMAT)
+            with self._format.tokenizer_lock:  # the engine reads the tokenizer; never beside an encode
+                engine = grammar_engine(self.tokenizer, self._format.end_ids, _output_size(self.model))
+            self._grammar = engine
+        return self._grammar
 
     def _response(self, completion: Completion, streamer: Streamer | None) -> ModelResponse:
+        self.last_stats = GenerationStats(
+            prefill_seconds=completion.prefill_seconds,
+            decode_seconds=completion.decode_seconds,
+            output_tokens=completion.output_tokens,
+            forward_passes=completion.forward_passes,
+            constraint_error=completion.constraint_error,
+        )
         parsed = self._format.parse(completion.text)
         message = Message(role="assistant", parts=parsed.parts)
         if streamer is not None:
