@@ -327,5 +327,7 @@ def test_a_textual_close_tag_inside_a_json_string_does_not_end_the_block() -> No
         ("note", {"text": "a </tool_call> b"})
     ]
     assert [p.text for p in parsed.parts if isinstance(p, TextPart)] == ["Done."]
-    broken = parse_completion('<tool_call>[{"name": "note"</tool_call>', open_tag="<tool_call>", close_tag="</tool_call>")
+    broken = parse_completion(
+        '<tool_call>[{"name": "note"</tool_call>', open_tag="<tool_call>", close_tag="</tool_call>"
+    )
     assert broken.errors and "invalid JSON" in broken.errors[0]
