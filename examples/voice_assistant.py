@@ -199,7 +199,8 @@ async def handle_request(
 ) -> Outcome:
     """Transcribe `clip`, store the transcript, then let the agent act on the request in the same conversation.
 
-    With random weights (the tiny Phi-4), each model turn is cut at 64 tokens: noise needs no more.
+    With random weights (the tiny Phi-4), each model turn is cut short (noise needs no more), and the first
+    agent step must call a tool: grammar-constrained decoding makes even noise a valid call, so the tools run.
     """
     audio = as_audio_part(clip)
     seconds = len(audio.samples(None)) / audio.sample_rate
@@ -224,7 +225,9 @@ async def handle_request(
         system_prompt=SYSTEM,
         memory=store,
         max_steps=6,
-        settings=ModelSettings(max_tokens=64 if random_weights else 200),
+        settings=ModelSettings(max_tokens=96, tool_choice="required")
+        if random_weights
+        else ModelSettings(max_tokens=200),
     )
     try:
         async for event in assistant.run_stream(ACT, conversation_id=cid):
