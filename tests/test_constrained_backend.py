@@ -233,3 +233,13 @@ def test_smollm2_tool_calls_are_all_valid_without_few_shot() -> None:
             if choice == "required":
                 assert response.message.tool_calls, response.raw_text
     assert calls >= len(questions)
+
+
+async def test_forced_tokens_share_forward_passes(constrained: TransformersModel) -> None:
+    """`"arguments": {"` and other forced tokens go through the model together: fewer passes than tokens."""
+    response = await constrained.request([Message.user("go")], [weather()], settings("get_weather", 5))
+    stats = constrained.last_stats
+    assert stats is not None and stats.constraint_error is None
+    assert stats.output_tokens == response.usage.output_tokens
+    assert 0 < stats.forward_passes < stats.output_tokens
+    assert stats.decode_seconds > 0 and stats.prefill_seconds > 0
