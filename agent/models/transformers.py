@@ -402,7 +402,7 @@ _ENGINES_LOCK = threading.Lock()
 
 
 def grammar_engine(tokenizer: Any, eos: Sequence[int], vocab_size: int | None) -> GrammarEngine:
-    """One grammar engine per tokenizer object (about a second to build for a 200K vocabulary), shared by the
+    """One grammar engine per tokenizer object (3-5 s to build for a 200K vocabulary), shared by the
     models built on it."""
     from agent.models._grammar import GrammarEngine
 
