@@ -36,6 +36,7 @@ from agent import Agent, AudioPart, Model, ModelSettings
 from agent.events import FinalEvent, RetryEvent, ToolCallEvent, ToolResultEvent
 from agent.exceptions import MMAgentError, RunError, UserError
 from agent.messages import as_audio_part
+from agent.models.resolve import reads_media, resolve_media_model
 from memory import Store
 from tools import ModelRetry, tool
 
@@ -149,29 +150,12 @@ TOOLS: list[Callable[..., Any]] = [get_weather, current_time, set_timer, convert
 
 def hears_audio(model: Model) -> bool:
     """Whether a model takes audio: Phi-4-multimodal in process (with its processor), or a Phi-4 server."""
-    from agent.models.transformers import TransformersModel
-
-    if isinstance(model, TransformersModel):
-        return model.is_phi4 and model.processor is not None
-    return "phi-4-multimodal" in model.name.lower()
+    return reads_media(model)
 
 
 def load_model(spec: str, echo: Callable[[str], None] = print) -> tuple[Model, bool]:
-    """The model to run and whether its weights are random (the tiny Phi-4 standing in for a deaf model)."""
-    from agent.models.resolve import phi4_available, resolve_model
-
-    if spec == "tiny-phi4":
-        return resolve_model("tiny-phi4"), True
-    deaf: str
-    if spec == "smollm2" or (spec == "auto" and phi4_available() is None):
-        deaf = "SmolLM2-135M-Instruct (what 'auto' picks without Phi-4 weights)" if spec == "auto" else "SmolLM2"
-    else:
-        model = resolve_model(spec)
-        if hears_audio(model):
-            return model, False
-        deaf = model.name
-    echo(f"note: {deaf} cannot hear audio; running the tiny random-weight Phi-4 instead, so its output is noise")
-    return resolve_model("tiny-phi4"), True
+    """The model to run, and whether its weights are random (see `resolve_media_model`)."""
+    return resolve_media_model(spec, "hear audio", echo=echo)
 
 
 # ---------------------------------------------------------------- the assistant

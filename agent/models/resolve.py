@@ -14,12 +14,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.exceptions import ModelLoadError
 from agent.models import Model
 
-__all__ = ["PHI4_ID", "PHI4_REVISION", "phi4_available", "resolve_model"]
+__all__ = ["PHI4_ID", "PHI4_REVISION", "phi4_available", "reads_media", "resolve_media_model", "resolve_model"]
 
 PHI4_ID = "microsoft/Phi-4-multimodal-instruct"
 PHI4_REVISION = "refs/pr/70"
@@ -75,3 +76,36 @@ def resolve_model(spec: str | None = None, *, server_model: str = PHI4_ID, api_k
         f"unknown model {spec!r}: pass a folder, a hub id (org/name), a server URL, or one of "
         "auto, phi4, smollm2, tiny-phi4"
     )
+
+
+def reads_media(model: Model) -> bool:
+    """Whether a model takes images and audio: Phi-4-multimodal in process (with its processor), or a model
+    served under a Phi-4-multimodal name."""
+    from agent.models.transformers import TransformersModel
+
+    if isinstance(model, TransformersModel):
+        return model.is_phi4 and model.processor is not None
+    return "phi-4-multimodal" in model.name.lower()
+
+
+def resolve_media_model(
+    spec: str | None, what: str, *, echo: Callable[[str], None] = print, server_model: str = PHI4_ID
+) -> tuple[Model, bool]:
+    """`resolve_model(spec)` for a job that needs images or audio, and whether the weights are random.
+
+    When the model cannot read media (SmolLM2, which `auto` picks without Phi-4 weights, or any text model),
+    `echo` says so in one line (`what` completes "cannot ...", e.g. "see images") and the tiny random-weight
+    Phi-4 runs instead, so the media pipeline still runs end to end while its words are noise.
+    """
+    spec = (spec or "auto").strip()
+    if spec == "tiny-phi4":
+        return resolve_model("tiny-phi4"), True
+    if spec == "smollm2" or (spec == "auto" and phi4_available() is None):
+        who = "SmolLM2-135M-Instruct (what 'auto' picks without Phi-4 weights)" if spec == "auto" else "SmolLM2"
+    else:
+        model = resolve_model(spec, server_model=server_model)
+        if reads_media(model):
+            return model, False
+        who = model.name
+    echo(f"note: {who} cannot {what}; running the tiny random-weight Phi-4 instead, so its output is noise")
+    return resolve_model("tiny-phi4"), True
