@@ -38,7 +38,7 @@ from agent import Agent, ImagePart, Model, ModelSettings
 from agent.events import FinalEvent, RetryEvent, ToolCallEvent, ToolResultEvent
 from agent.exceptions import MMAgentError, RunError, UserError
 from agent.messages import as_image_part
-from agent.models.resolve import reads_media, resolve_media_model
+from agent.models.resolve import resolve_media_model
 from memory import Store
 from tools import ModelRetry, ToolContext, tool
 
@@ -216,11 +216,6 @@ SAMPLE_INVOICE = Invoice(
 """What `sample_invoice()` shows, as a correct extraction would record it."""
 
 # ---------------------------------------------------------------- the model
-
-
-def sees_images(model: Model) -> bool:
-    """Whether a model takes images: Phi-4-multimodal in process (with its processor), or a Phi-4 server."""
-    return reads_media(model)
 
 
 def load_model(spec: str, echo: Callable[[str], None] = print) -> tuple[Model, bool]:

@@ -36,7 +36,7 @@ from agent import Agent, AudioPart, Model, ModelSettings
 from agent.events import FinalEvent, RetryEvent, ToolCallEvent, ToolResultEvent
 from agent.exceptions import MMAgentError, RunError, UserError
 from agent.messages import as_audio_part
-from agent.models.resolve import reads_media, resolve_media_model
+from agent.models.resolve import resolve_media_model
 from memory import Store
 from tools import ModelRetry, tool
 
@@ -146,11 +146,6 @@ def convert_units(value: float, from_unit: Unit, to_unit: Unit) -> str:
 TOOLS: list[Callable[..., Any]] = [get_weather, current_time, set_timer, convert_units]
 
 # ---------------------------------------------------------------- the model
-
-
-def hears_audio(model: Model) -> bool:
-    """Whether a model takes audio: Phi-4-multimodal in process (with its processor), or a Phi-4 server."""
-    return reads_media(model)
 
 
 def load_model(spec: str, echo: Callable[[str], None] = print) -> tuple[Model, bool]:

@@ -35,6 +35,7 @@ from scipy.signal import resample_poly
 from starlette.testclient import TestClient
 
 from agent import AudioPart, ImagePart, ToolResultPart
+from agent.models.resolve import reads_media
 from agent.models.tiny import ScriptedOutputs
 from agent.models.transformers import TransformersModel
 from agent.testing import FunctionModel
@@ -167,7 +168,7 @@ def test_models_that_cannot_hear_or_see_are_named_and_replaced_by_the_tiny_phi4(
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     notes: list[str] = []
     model, random_weights = voice.load_model("auto", echo=notes.append)
-    assert random_weights and isinstance(model, TransformersModel) and voice.hears_audio(model)
+    assert random_weights and isinstance(model, TransformersModel) and reads_media(model)
     _, random_weights = document.load_model("smollm2", echo=notes.append)
     assert random_weights
     assert notes == [
@@ -175,7 +176,7 @@ def test_models_that_cannot_hear_or_see_are_named_and_replaced_by_the_tiny_phi4(
         "random-weight Phi-4 instead, so its output is noise",
         "note: SmolLM2 cannot see images; running the tiny random-weight Phi-4 instead, so its output is noise",
     ]
-    assert not voice.hears_audio(FunctionModel(lambda m, i: "x"))
+    assert not reads_media(FunctionModel(lambda m, i: "x"))
 
 
 # ---------------------------------------------------------------- document bot
