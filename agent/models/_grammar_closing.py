@@ -146,55 +146,45 @@ def plan_closing(
     minimum, say): a run of one repeated token ends that attempt, and a few randomized attempts follow.
     `PLAN_LIMIT` tokens mean no way to finish was found.
     """
-    for attempt in range(_ATTEMPTS):
-        rng = random.Random(attempt) if attempt else None
-        path = _plan_once(inner, tables, state, eos, close_ids, buffers, open_token_id, opener, rng)
+    failed = [0] * PLAN_LIMIT
+
+    def attempt(rng: random.Random | None) -> list[int]:
+        sim = inner.deep_copy()
+        sim_state = state.copy()
+        path: list[int] = []
+        while len(path) < PLAN_LIMIT:
+            if sim.is_error():
+                return failed
+            if sim.is_accepting() or sim.is_stopped():
+                path.append(eos[0] if eos else 0)
+                return path
+            if len(path) >= _REPEAT and len(set(path[-_REPEAT:])) == 1:
+                return failed  # looping on one token
+            forced = sim.compute_ff_tokens()
+            if forced:
+                chosen = list(forced)
+            else:
+                bits = grammar_mask(sim, tables, sim_state, buffers)
+                best = best_closer(bits, tables, sim_state, eos, close_ids, rng)
+                if best is None:
+                    return failed
+                chosen = [best]
+            for token in chosen:
+                if not sim.consume_token(token):
+                    return failed
+                sim_state.feed(token, tables.token_bytes[token], open_token_id=open_token_id, opener=opener)
+                path.append(token)
+        return path
+
+    for index in range(_ATTEMPTS):
+        path = attempt(random.Random(index) if index else None)
         if len(path) < PLAN_LIMIT:
             return path
-    return [0] * PLAN_LIMIT
+    return failed
 
 
 _ATTEMPTS = 4
 _REPEAT = 16  # one token this many times in a row: the attempt is looping
-
-
-def _plan_once(
-    inner: Any,
-    tables: TokenTables,
-    state: OutputState,
-    eos: Sequence[int],
-    close_ids: Sequence[int],
-    buffers: MaskBuffers,
-    open_token_id: int | None,
-    opener: bytes,
-    rng: random.Random | None,
-) -> list[int]:
-    sim = inner.deep_copy()
-    sim_state = state.copy()
-    path: list[int] = []
-    while len(path) < PLAN_LIMIT:
-        if sim.is_error():
-            return [0] * PLAN_LIMIT
-        if sim.is_accepting() or sim.is_stopped():
-            path.append(eos[0] if eos else 0)
-            return path
-        if len(path) >= _REPEAT and len(set(path[-_REPEAT:])) == 1:
-            return [0] * PLAN_LIMIT
-        forced = sim.compute_ff_tokens()
-        if forced:
-            chosen = list(forced)
-        else:
-            bits = grammar_mask(sim, tables, sim_state, buffers)
-            best = best_closer(bits, tables, sim_state, eos, close_ids, rng)
-            if best is None:
-                return [0] * PLAN_LIMIT
-            chosen = [best]
-        for token in chosen:
-            if not sim.consume_token(token):
-                return [0] * PLAN_LIMIT
-            sim_state.feed(token, tables.token_bytes[token], open_token_id=open_token_id, opener=opener)
-            path.append(token)
-    return path
 
 
 def growth_bound(
