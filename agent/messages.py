@@ -11,6 +11,14 @@ A `Message` has a role and a tuple of parts. Parts are frozen Pydantic models to
 | `ToolResultPart` (call id, content parts, is_error) | `tool-result` | tool |
 | `RetryPart` (a request to the model to try again) | `retry` | tool, user |
 
+Every string in a part (text, retry messages, ids, names, the strings inside tool-call arguments) must be
+valid UTF-8: a lone surrogate such as "\\ud800" is refused when the part is built (a Pydantic
+`ValidationError`; `UserError` from `Message.user`/`system`/`assistant` and `from_openai`), before it can
+reach a tokenizer or a database. `replace_surrogates` repairs text that comes from a tool or a decoder.
+Media from outside passes the gate in `agent._media` (`as_image_part`, `as_audio_part`, `ImagePart.from_pil`
+and `from_openai` call it); the `ImagePart(data=...)` constructor itself checks nothing, like
+`load_messages`.
+
 Values carry no database ids: identity is the memory store's business. `dump_messages`/`load_messages`
 round-trip a history exactly, media bytes included; `to_openai`/`from_openai` convert to and from the
 OpenAI chat-completions format that apps already hold.
@@ -20,12 +28,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from agent import _media
 from agent.exceptions import MediaError, UserError
@@ -50,8 +60,43 @@ __all__ = [
     "dump_messages",
     "from_openai",
     "load_messages",
+    "replace_surrogates",
     "to_openai",
 ]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def replace_surrogates(text: str) -> str:
+    """`text` with each lone surrogate (not valid UTF-8) replaced by U+FFFD, for text from tools and decoders."""
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
+
+
+def _utf8(text: str) -> str:
+    if not text.isascii():  # O(1): an ASCII string holds no surrogate
+        match = _SURROGATE.search(text)
+        if match is not None:
+            raise ValueError(
+                f"holds a lone surrogate {match.group()!r} at index {match.start()}, which is not valid UTF-8"
+            )
+    return text
+
+
+def _utf8_tree(value: dict[str, Any]) -> dict[str, Any]:
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            _utf8(item)
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return value
+
+
+_Text = Annotated[str, AfterValidator(_utf8)]
 
 
 class _Value(BaseModel):
@@ -62,7 +107,7 @@ class TextPart(_Value):
     """Plain text."""
 
     kind: Literal["text"] = "text"
-    text: str
+    text: _Text
 
 
 class ImagePart(_Value):
@@ -74,7 +119,11 @@ class ImagePart(_Value):
 
     @classmethod
     def from_pil(cls, image: Image.Image) -> ImagePart:
-        """Encode a PIL image losslessly as PNG."""
+        """Encode a PIL image losslessly as PNG (modes PNG cannot hold, such as CMYK, become RGB or RGBA).
+
+        Raises:
+            MediaError: the image is over `agent._media.MAX_PIXELS` or cannot be encoded.
+        """
         data, media_type = _media.pil_to_bytes(image)
         return cls(data=data, media_type=media_type)
 
@@ -115,9 +164,9 @@ class ToolCallPart(_Value):
     """A call the model asked for. `arguments` is the decoded JSON object, not yet validated."""
 
     kind: Literal["tool-call"] = "tool-call"
-    id: str
-    name: str
-    arguments: dict[str, Any] = Field(default_factory=dict)
+    id: _Text
+    name: _Text
+    arguments: Annotated[dict[str, Any], AfterValidator(_utf8_tree)] = Field(default_factory=dict)
 
 
 ContentPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="kind")]
@@ -127,8 +176,8 @@ class ToolResultPart(_Value):
     """What a tool returned for the call `call_id`: text, images and audio, in order."""
 
     kind: Literal["tool-result"] = "tool-result"
-    call_id: str
-    name: str
+    call_id: _Text
+    name: _Text
     content: tuple[ContentPart, ...]
     is_error: bool = False
 
@@ -142,9 +191,9 @@ class RetryPart(_Value):
     """A request to the model to try again: invalid arguments, an unknown tool, a failed tool, bad output."""
 
     kind: Literal["retry"] = "retry"
-    message: str
-    call_id: str | None = None
-    name: str | None = None
+    message: _Text
+    call_id: _Text | None = None
+    name: _Text | None = None
 
 
 Part = Annotated[
@@ -176,8 +225,13 @@ class Message(_Value):
 
     @classmethod
     def system(cls, text: str) -> Message:
-        """A system message."""
-        return cls(role="system", parts=(TextPart(text=text),))
+        """A system message.
+
+        Raises:
+            UserError: the text is not valid UTF-8 (a lone surrogate).
+        """
+        with _as_user_error("a system message"):
+            return cls(role="system", parts=(TextPart(text=text),))
 
     @classmethod
     def user(
@@ -187,21 +241,32 @@ class Message(_Value):
         images: Iterable[Any] = (),
         audio: Iterable[Any] = (),
     ) -> Message:
-        """A user turn: media first (as Phi-4's own examples place them), then the text."""
+        """A user turn: media first (as Phi-4's own examples place them), then the text.
+
+        Raises:
+            MediaError: an image or clip does not pass the media gate.
+            UserError: no content, or text that is not valid UTF-8 (a lone surrogate).
+        """
         parts: list[Part] = [as_image_part(i) for i in images]
         parts.extend(as_audio_part(a) for a in audio)
-        if text:
-            parts.append(TextPart(text=text))
-        if not parts:
-            raise UserError("a user message needs text, an image or audio")
-        return cls(role="user", parts=tuple(parts))
+        with _as_user_error("a user message"):
+            if text:
+                parts.append(TextPart(text=text))
+            if not parts:
+                raise UserError("a user message needs text, an image or audio")
+            return cls(role="user", parts=tuple(parts))
 
     @classmethod
     def assistant(cls, text: str = "", tool_calls: Iterable[ToolCallPart] = ()) -> Message:
-        """An assistant turn with optional text followed by tool calls."""
-        parts: list[Part] = [TextPart(text=text)] if text else []
-        parts.extend(tool_calls)
-        return cls(role="assistant", parts=tuple(parts))
+        """An assistant turn with optional text followed by tool calls.
+
+        Raises:
+            UserError: the text is not valid UTF-8 (a lone surrogate).
+        """
+        with _as_user_error("an assistant message"):
+            parts: list[Part] = [TextPart(text=text)] if text else []
+            parts.extend(tool_calls)
+            return cls(role="assistant", parts=tuple(parts))
 
     @property
     def text(self) -> str:
@@ -240,6 +305,23 @@ class ToolDefinition(_Value):
         )
 
 
+@contextlib.contextmanager
+def _as_user_error(what: str) -> Iterator[None]:
+    try:
+        yield
+    except ValidationError as exc:
+        raise UserError(f"cannot build {what}: {_validation_problems(exc)}") from exc
+
+
+def _validation_problems(exc: ValidationError) -> str:
+    """A short reading of a ValidationError from a message value: where, and what is wrong."""
+    problems = [
+        f"{'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+        for err in exc.errors()[:3]
+    ]
+    return "; ".join(problems)
+
+
 _HISTORY = TypeAdapter(list[Message])
 
 
@@ -260,15 +342,19 @@ def load_messages(data: str | bytes) -> list[Message]:
 
 
 def as_image_part(value: Any) -> ImagePart:
-    """Accept an `ImagePart`, a PIL image, encoded bytes, or a file path."""
+    """Accept an `ImagePart` (as it is), a PIL image, encoded bytes, or a file path.
+
+    Bytes, files and PIL images pass the media gate (`agent._media`): a supported format, at most
+    `agent._media.MAX_PIXELS` pixels read from the header, data that verifies.
+
+    Raises:
+        MediaError: the value is not an image, or does not pass the gate.
+    """
     if isinstance(value, ImagePart):
         return value
     if isinstance(value, bytes | bytearray | memoryview):
         data = bytes(value)
-        media_type = _media.sniff_media_type(data)
-        if media_type is None or not media_type.startswith("image/"):
-            raise MediaError(f"bytes ({len(data)}) are not a known image format (PNG, JPEG, GIF, WEBP, BMP)")
-        return ImagePart(data=data, media_type=media_type)
+        return ImagePart(data=data, media_type=_media.check_image(data))
     if isinstance(value, str | Path):
         return as_image_part(_read_file(Path(value), "image"))
     if hasattr(value, "save") and hasattr(value, "size"):
@@ -277,15 +363,19 @@ def as_image_part(value: Any) -> ImagePart:
 
 
 def as_audio_part(value: Any) -> AudioPart:
-    """Accept an `AudioPart`, encoded bytes, a file path, or a `(samples, sample_rate)` pair."""
+    """Accept an `AudioPart` (as it is), encoded bytes, a file path, or a `(samples, sample_rate)` pair.
+
+    Bytes and files pass the media gate (`agent._media`): a supported format, a length within
+    `agent._media.MAX_AUDIO_SECONDS` read from the header, a first block that decodes.
+
+    Raises:
+        MediaError: the value is not audio, or does not pass the gate.
+    """
     if isinstance(value, AudioPart):
         return value
     if isinstance(value, bytes | bytearray | memoryview):
         data = bytes(value)
-        media_type = _media.sniff_media_type(data)
-        if media_type is None or not media_type.startswith("audio/"):
-            raise MediaError(f"bytes ({len(data)}) are not a known audio format (WAV, FLAC, OGG, MP3)")
-        return AudioPart(data=data, media_type=media_type)
+        return AudioPart(data=data, media_type=_media.check_audio(data))
     if isinstance(value, str | Path):
         return as_audio_part(_read_file(Path(value), "audio"))
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
@@ -380,13 +470,12 @@ def to_openai(messages: Sequence[Message]) -> list[dict[str, Any]]:
     return out
 
 
-def _decode_data_url(url: str) -> tuple[bytes, str]:
+def _decode_data_url(url: str) -> bytes:
     if not url.startswith("data:"):
         raise MediaError(f"remote media URLs are not fetched ({url[:60]!r}): download the file and pass its bytes")
-    header, _, payload = url.partition(",")
-    media_type = header[5:].split(";")[0] or "application/octet-stream"
+    payload = url.partition(",")[2]
     try:
-        return base64.b64decode(payload, validate=True), media_type
+        return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise MediaError(f"bad base64 in data URL: {exc}") from exc
 
@@ -403,16 +492,13 @@ def _content_from_openai(content: Any) -> list[TextPart | ImagePart | AudioPart]
             parts.append(TextPart(text=item["text"]))
         elif kind == "image_url":
             url = item["image_url"]["url"] if isinstance(item["image_url"], dict) else item["image_url"]
-            data, media_type = _decode_data_url(url)
-            parts.append(ImagePart(data=data, media_type=media_type))
+            parts.append(as_image_part(_decode_data_url(url)))  # the bytes, not the URL's label, say the format
         elif kind == "input_audio":
-            audio = item["input_audio"]
             try:
-                data = base64.b64decode(audio["data"], validate=True)
+                data = base64.b64decode(item["input_audio"]["data"], validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise MediaError(f"bad base64 in input_audio: {exc}") from exc
-            fmt = str(audio.get("format", "wav"))
-            parts.append(AudioPart(data=data, media_type=f"audio/{fmt}" if "/" not in fmt else fmt))
+            parts.append(as_audio_part(data))  # the bytes, not the "format" field, say the format
         else:
             raise UserError(f"unsupported OpenAI content part type {kind!r}")
     return parts
@@ -452,6 +538,8 @@ def from_openai(messages: Sequence[dict[str, Any]]) -> list[Message]:
                     out.append(Message(role="tool", parts=(result,)))
             else:
                 raise UserError(f"unsupported OpenAI message role {role!r}")
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError, ValidationError) as exc:
+    except ValidationError as exc:
+        raise UserError(f"malformed OpenAI message: {_validation_problems(exc)}") from exc
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
         raise UserError(f"malformed OpenAI message: {exc!r}") from exc
     return out

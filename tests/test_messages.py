@@ -150,3 +150,44 @@ def test_tool_definition_reads_openai_and_mcp_shapes() -> None:
 def test_load_messages_rejects_garbage() -> None:
     with pytest.raises(UserError, match="not a valid mmagent message history"):
         load_messages(b'[{"role": "user", "parts": [{"kind": "laser"}]}]')
+
+
+def test_strings_in_message_values_must_be_valid_utf8() -> None:
+    lone = "half \ud83d an emoji"
+    for build in (
+        lambda: TextPart(text=lone),
+        lambda: RetryPart(message=lone),
+        lambda: RetryPart(message="ok", name=lone),
+        lambda: ToolCallPart(id="1", name=lone),
+        lambda: ToolCallPart(id="1", name="f", arguments={"xs": [{"deep": lone}]}),
+        lambda: ToolCallPart(id="1", name="f", arguments={lone: 1}),
+        lambda: ToolResultPart(call_id=lone, name="f", content=()),
+    ):
+        with pytest.raises(ValidationError, match=r"lone surrogate '\\ud83d' at index 5"):
+            build()
+    assert TextPart(text="a valid pair: \U0001f600").text.endswith("\U0001f600")
+
+
+def _call_with_arguments(arguments: str) -> dict[str, object]:
+    return {"id": "1", "function": {"name": "f", "arguments": arguments}}
+
+
+def test_constructors_and_the_openai_reader_name_invalid_utf8_as_a_user_error() -> None:
+    for build in (
+        lambda: Message.user("bad \udc80"),
+        lambda: Message.system("bad \udc80"),
+        lambda: Message.assistant("bad \udc80"),
+        lambda: from_openai([{"role": "user", "content": "bad \udc80"}]),
+        lambda: from_openai([{"role": "user", "content": [{"type": "text", "text": "bad \udc80"}]}]),
+        lambda: from_openai([{"role": "assistant", "tool_calls": [_call_with_arguments('{"q": "\\udc80"}')]}]),
+    ):
+        with pytest.raises(UserError, match=r"lone surrogate '\\udc80'"):
+            build()
+
+
+def test_replace_surrogates_repairs_text_from_tools_and_decoders() -> None:
+    from agent.messages import replace_surrogates
+
+    assert replace_surrogates("a\ud800b\udfffc") == "a\ufffdb\ufffdc"
+    assert replace_surrogates("plain é \U0001f600") == "plain é \U0001f600"
+    TextPart(text=replace_surrogates("x\ud800"))
