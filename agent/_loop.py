@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.events import (
     AgentEvent,
@@ -35,6 +37,8 @@ from tools._registry import Approver, Registry, Tool
 
 __all__ = ["Agent", "UsageLimits"]
 
+_T = TypeVar("_T")
+
 
 @dataclass(frozen=True, slots=True)
 class UsageLimits:
@@ -60,6 +64,8 @@ class _RunState:
     deps: Any = None
     settings: ModelSettings = field(default_factory=ModelSettings)
     pending: list[RetryPart] = field(default_factory=list)  # format errors beside valid calls
+    lease_ttl: float | None = None  # the store's lease on the conversation lasts this long after a renewal
+    renewed: float = 0.0  # loop time of the last renewal (a commit or a heartbeat)
 
 
 _FORMAT_RETRY = "(output format)"
@@ -77,7 +83,8 @@ class Agent:
         usage_limits: caps on requests and tokens.
         settings: default generation settings.
         approver: called before each call of a tool marked `requires_approval`.
-        memory: a `memory.Store` (or any `RunStore`): every step is committed as it completes.
+        memory: a `memory.Store` (or any `RunStore`): every step is committed as it completes. A run holds
+            its conversation's lease from start to end, so runs on one conversation take turns (see `Store`).
         context: a context policy fitting the history to the model's window before each request.
         reset_tool_choice: after a step with tool calls, send `tool_choice="auto"` again when the settings
             ask for `required` or a named tool, so a forced first call does not force every later step
@@ -182,14 +189,18 @@ class Agent:
         state = _RunState(messages=[], first_new=0, deps=deps, settings=settings or self.settings)
         past = list(history)
         if self.memory is not None:
-            started = await asyncio.to_thread(
-                self.memory.begin_run,
-                conversation_id=conversation_id,
-                new_messages=[user],
-                model_name=self.model.name,
-                system_prompt=self.system_prompt,
+            memory = self.memory
+            started = await self._take_lease(
+                lambda: memory.begin_run(
+                    conversation_id=conversation_id,
+                    new_messages=[user],
+                    model_name=self.model.name,
+                    system_prompt=self.system_prompt,
+                ),
+                lambda started: started.run_id,
             )
             state.run_id, state.conversation_id = started.run_id, started.conversation_id
+            state.lease_ttl = started.lease_ttl
             past = [*started.history, *past]
         state.messages = [*self._system(), *past, user]
         state.first_new = len(state.messages) - 1
@@ -208,12 +219,11 @@ class Agent:
     async def resume_stream(
         self, run_id: str, *, deps: Any = None, settings: ModelSettings | None = None
     ) -> AsyncIterator[AgentEvent]:
-        """`resume`, yielding events."""
+        """`resume`, yielding events. Waits for the conversation's lease as `run` does."""
         if self.memory is None:
             raise UserError("resume needs an agent with memory=Store(...)")
-        stored = await asyncio.to_thread(self.memory.load_run, run_id)
-        if stored.status == "completed":
-            raise UserError(f"run {run_id} already completed")
+        memory = self.memory
+        stored = await self._take_lease(lambda: memory.resume_run(run_id), lambda stored: stored.run_id)
         system = self._system()
         state = _RunState(
             messages=[*system, *stored.messages],
@@ -224,6 +234,7 @@ class Agent:
             conversation_id=stored.conversation_id,
             deps=deps,
             settings=settings or self.settings,
+            lease_ttl=stored.lease_ttl,
         )
         run_messages = state.messages[state.first_new :]
         executed = run_messages[:-1] if run_messages and run_messages[-1].role == "assistant" else run_messages
@@ -239,15 +250,61 @@ class Agent:
         return [Message.system(self.system_prompt)] if self.system_prompt else []
 
     async def _drive(self, state: _RunState) -> AsyncIterator[AgentEvent]:
+        heartbeat = None
+        if self.memory is not None and state.run_id is not None and state.lease_ttl is not None:
+            state.renewed = asyncio.get_running_loop().time()
+            heartbeat = asyncio.ensure_future(self._heartbeat(state, state.lease_ttl))
         try:
-            async for event in self._steps(state):
-                yield event
+            try:
+                async for event in self._steps(state):
+                    yield event
+            finally:
+                if heartbeat is not None:
+                    heartbeat.cancel()
         except MMAgentError as exc:
             await self._end(state, "failed", f"{type(exc).__name__}: {exc}")
             raise
         except BaseException as exc:  # cancelled or crashed: the committed steps stay resumable
             if not isinstance(exc, asyncio.CancelledError | GeneratorExit | KeyboardInterrupt):
                 await self._end(state, "failed", f"{type(exc).__name__}: {exc}")
+            elif self.memory is not None and state.run_id is not None:
+                with contextlib.suppress(MMAgentError):  # unreleased, the lease still expires
+                    await asyncio.to_thread(self.memory.release, state.run_id)
+            raise
+
+    async def _heartbeat(self, state: _RunState, ttl: float) -> None:
+        """Renew the run's lease whenever a third of `ttl` passed since the last commit or renewal, so a long
+        model request or tool keeps the conversation. Quick steps renew through their commits: no extra write."""
+        assert self.memory is not None and state.run_id is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            wait = state.renewed + ttl / 3 - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            began = loop.time()
+            try:
+                await asyncio.to_thread(self.memory.renew, state.run_id)
+            except MMAgentError:
+                return  # released meanwhile, or lost: the next commit says so
+            state.renewed = max(state.renewed, began)
+
+    async def _take_lease(self, call: Callable[[], _T], run_id_of: Callable[[_T], str]) -> _T:
+        """Run a store call that takes a conversation's lease (and may wait for it) in a worker thread. If the
+        caller is cancelled meanwhile, the thread still finishes: then the lease it took is released."""
+        memory = self.memory
+        assert memory is not None
+        future = asyncio.ensure_future(asyncio.to_thread(call))
+
+        def release_taken(done: asyncio.Future[_T]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                run_id = run_id_of(done.result())
+                threading.Thread(target=_quietly, args=(memory.release, run_id)).start()
+
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(release_taken)
             raise
 
     async def _steps(self, state: _RunState) -> AsyncIterator[AgentEvent]:
@@ -272,7 +329,7 @@ class Agent:
             async for item in self.model.request_stream(to_send, tools, state.settings):
                 if isinstance(item, TextDelta):
                     yield TextDeltaEvent(item.text, state.step)
-                else:
+                elif isinstance(item, ModelResponse):  # calls are run from the response, not from deltas
                     response = item
             if response is None:
                 raise MMAgentError(f"{self.model.name} ended its stream without a response")
@@ -387,11 +444,18 @@ class Agent:
 
     async def _commit(self, state: _RunState, phase: Any, messages: list[Message]) -> None:
         if self.memory is not None and state.run_id is not None:
+            began = asyncio.get_running_loop().time()
             await asyncio.to_thread(self.memory.commit_step, state.run_id, state.step, phase, messages, state.usage)
+            state.renewed = max(state.renewed, began)  # the commit renewed the lease
 
     async def _end(self, state: _RunState, status: Any, error: str | None) -> None:
         if self.memory is not None and state.run_id is not None:
             await asyncio.to_thread(self.memory.end_run, state.run_id, status, error)
+
+
+def _quietly(release: Callable[[str], None], run_id: str) -> None:
+    with contextlib.suppress(MMAgentError):  # unreleased, the lease still expires
+        release(run_id)
 
 
 def _format_retry(error: str) -> str:

@@ -14,7 +14,8 @@ MMAgentError                      base of everything below
 │   ├── MaxStepsExceeded          the run used all its steps
 │   └── UsageLimitExceeded        a token or request limit was reached
 └── StoreError                    the memory store failed
-    └── SchemaVersionError        the database was written by a newer mmagent
+    ├── SchemaVersionError        the database was written by a newer mmagent
+    └── ConversationBusyError     another run holds the conversation's lease (a conflict: retry later)
 
 ToolArgumentsError                arguments from a model do not match a tool's schema (an MMAgentError)
 ModelRetry                        raised *by a tool* to ask the model to try again; control flow, not a failure
@@ -31,10 +32,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import datetime as dt
+
     from agent.messages import Message
 
 __all__ = [
     "ContextOverflowError",
+    "ConversationBusyError",
     "MMAgentError",
     "MaxStepsExceeded",
     "MediaError",
@@ -122,6 +126,28 @@ class StoreError(MMAgentError):
 
 class SchemaVersionError(StoreError):
     """The store's schema is newer than this version of mmagent understands."""
+
+
+class ConversationBusyError(StoreError):
+    """A conversation is in use by another run: its history takes one run at a time.
+
+    Raised when a run (or `Store.append`) waited `lease_wait` seconds for another run's lease on the
+    conversation, and when a run lost its lease (it lapsed and another run or append wrote to the
+    conversation), so continuing would interleave two runs' messages. Retrying later may succeed.
+
+    Attributes:
+        conversation_id: the conversation.
+        run_id: the run holding the lease, or that wrote after the lapsed run (None: a plain append).
+        expires_at: when that lease expires unless renewed (aware, UTC); None when no lease is held.
+    """
+
+    def __init__(
+        self, message: str, *, conversation_id: str, run_id: str | None, expires_at: dt.datetime | None
+    ) -> None:
+        self.conversation_id = conversation_id
+        self.run_id = run_id
+        self.expires_at = expires_at
+        super().__init__(message)
 
 
 class ToolArgumentsError(MMAgentError):

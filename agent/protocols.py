@@ -2,6 +2,10 @@
 
 `memory.Store` implements `RunStore`; `agent.context.ContextPolicy` implements `ContextFitter`. Any object
 with the same methods can stand in for them.
+
+A run holds its conversation's *lease* from `begin_run` (or `resume_run`) to `end_run` (or `release`), so two
+runs never interleave their messages. The loop renews it with every commit, and from a heartbeat every third
+of `lease_ttl` while a model request or tool takes longer; it releases it when the run is cancelled.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class StartedRun:
     run_id: str
     conversation_id: str
     history: list[Message]  # the conversation's earlier messages, without the new ones
+    lease_ttl: float | None = None  # seconds the run's lease lasts after each renewal; None: no lease
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,10 +43,14 @@ class StoredRun:
     new_message_count: int  # how many of `messages` this run added
     next_step: int
     usage: Usage
+    lease_ttl: float | None = None  # set by `resume_run`, which took the lease; None from `load_run`
 
 
 class RunStore(Protocol):
-    """Persistence for runs. Each method is one transaction; the loop calls them from a worker thread."""
+    """Persistence for runs. Each method is one transaction; the loop calls them from a worker thread.
+
+    Methods that take or hold a conversation's lease raise `ConversationBusyError` when another run has it.
+    """
 
     def begin_run(
         self,
@@ -51,19 +60,34 @@ class RunStore(Protocol):
         model_name: str,
         system_prompt: str | None,
     ) -> StartedRun:
-        """Create the run (and the conversation when `conversation_id` is None) and commit the new messages."""
+        """Take the conversation's lease (waiting for a busy one, as the store is configured), create the run
+        (and the conversation when `conversation_id` is None) and commit the new messages."""
+        ...
+
+    def resume_run(self, run_id: str) -> StoredRun:
+        """Take the lease of the run's conversation (waiting as `begin_run` does) and return everything needed
+        to continue the run from its last committed step. A completed run raises `UserError`."""
         ...
 
     def commit_step(self, run_id: str, step: int, phase: Phase, messages: Sequence[Message], usage: Usage) -> None:
-        """Commit one phase of a step: the model's response, or the tool results. `usage` is cumulative."""
+        """Commit one phase of a step: the model's response, or the tool results. `usage` is cumulative.
+        Renews the run's lease in the same transaction."""
+        ...
+
+    def renew(self, run_id: str) -> None:
+        """Extend the run's lease by the store's TTL (a heartbeat while a long step runs)."""
+        ...
+
+    def release(self, run_id: str) -> None:
+        """Give up the run's lease without changing its status (it stays resumable)."""
         ...
 
     def end_run(self, run_id: str, status: Literal["completed", "failed"], error: str | None = None) -> None:
-        """Mark the run finished."""
+        """Mark the run finished and release its lease."""
         ...
 
     def load_run(self, run_id: str) -> StoredRun:
-        """Everything needed to continue a run from its last committed step."""
+        """Everything needed to continue a run from its last committed step (read only: takes no lease)."""
         ...
 
 

@@ -14,7 +14,9 @@ with Store("chat.db") as store:  # or "postgresql+psycopg://user@host/db"
 
 Each step of a run is committed in one transaction as it completes; `Agent.resume(run_id)` continues from
 the last committed step without repeating a tool call whose result was committed. Images and audio are
-stored once per sha256 however often they appear.
+stored once per sha256 however often they appear. A run holds its conversation's lease until it ends, so
+runs on one conversation take turns across threads and processes; one that waits past
+`Store(lease_wait=...)` raises `agent.exceptions.ConversationBusyError`.
 """
 
 from agent.exceptions import SchemaVersionError, StoreError

@@ -7,15 +7,33 @@ migration here is refused with `SchemaVersionError`.
 
 To change the schema: edit the tables in `_schema.py` and append a migration that alters an existing
 database to match (new databases run every migration in turn, so migration 1 must never create columns
-added later; the schema test compares a migrated database with `_schema.metadata`).
+added later: it creates `mm_conversations` from its own frozen copy; the schema test compares a migrated
+database with `_schema.metadata`). A migration spells out the columns it adds rather than reading them from
+`_schema`, so it keeps doing what it did when later versions change them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from typing import Any
 
-from sqlalchemy import Column, Connection, Integer, MetaData, Table, func, inspect, select, text
+from sqlalchemy import (
+    JSON,
+    Column,
+    Connection,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    func,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.types import TypeEngine
 
 from agent.exceptions import SchemaVersionError
 from memory import _schema
@@ -30,7 +48,19 @@ version_table = Table(
 
 def _m1_initial(conn: Connection) -> None:
     """Conversations, runs, steps, messages, parts, artifacts, and the full-text index."""
-    _schema.metadata.create_all(conn)
+    conversations_v1 = Table(
+        "mm_conversations",
+        MetaData(),
+        Column("id", String(64), primary_key=True),
+        Column("title", Text, nullable=True),
+        Column("metadata", JSON, nullable=False),
+        Column("created_at", _schema.UTCDateTime, nullable=False),
+        Column("updated_at", _schema.UTCDateTime, nullable=False),
+        Index("mm_conversations_updated", "updated_at"),
+    )
+    conversations_v1.create(conn)
+    later = {_schema.conversations.name}  # tables migration 1 creates from a frozen copy
+    _schema.metadata.create_all(conn, tables=[t for t in _schema.metadata.sorted_tables if t.name not in later])
     if conn.dialect.name == "sqlite":
         # External-content FTS5 over text parts, kept in sync by triggers (cascading deletes fire them too).
         conn.exec_driver_sql(
@@ -52,7 +82,18 @@ def _m1_initial(conn: Connection) -> None:
         )
 
 
-MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_m1_initial,)
+def _m2_conversation_lease(conn: Connection) -> None:
+    """The run lease on each conversation: the run that may append, the store holding it, until when."""
+    added: tuple[tuple[str, TypeEngine[Any]], ...] = (
+        ("lease_run_id", String(64)),
+        ("lease_holder", String(64)),
+        ("lease_expires_at", _schema.UTCDateTime()),
+    )
+    for name, type_ in added:
+        conn.exec_driver_sql(f"ALTER TABLE mm_conversations ADD COLUMN {name} {type_.compile(dialect=conn.dialect)}")
+
+
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_m1_initial, _m2_conversation_lease)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -3,7 +3,8 @@
 Every table is prefixed `mm_` so the store can share a PostgreSQL database with an application's own tables.
 
 ```
-mm_conversations  id, title, metadata, created_at, updated_at
+mm_conversations  id, title, metadata, created_at, updated_at,
+                  lease_run_id, lease_holder, lease_expires_at (the run that may append, see `Store`)
 mm_runs           id, conversation -> mm_conversations, status, model_name, system_prompt, error, usage,
                   first_position (the position of the run's first message), created/updated/finished_at
 mm_steps          (run -> mm_runs, step, phase "model" | "tools"), usage (cumulative), committed_at
@@ -90,6 +91,10 @@ conversations = Table(
     Column("metadata", JSON, nullable=False, key="meta"),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # The lease (migration 2): the run that may append, the `Store` instance running it, until when.
+    Column("lease_run_id", String(64), nullable=True),
+    Column("lease_holder", String(64), nullable=True),
+    Column("lease_expires_at", UTCDateTime, nullable=True),
     Index("mm_conversations_updated", "updated_at"),
 )
 

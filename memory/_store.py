@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import math
 import os
 import uuid
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
@@ -23,6 +24,7 @@ from memory import _schema as s
 from memory._blobs import BlobFiles
 from memory._codec import Artifact, Encoded, decode, encode, media_part
 from memory._engine import Database, open_database
+from memory._lease import Busy, Leases
 from memory._values import ConversationInfo, RunInfo, RunStatus, SearchHit
 
 MiB = 1 << 20
@@ -71,6 +73,23 @@ class Store:
     safe to use from many threads; open one per process (connections do not survive `fork`). Any number of
     processes may share one SQLite file or PostgreSQL database.
 
+    One run at a time per conversation: a run holds its conversation's *lease* (stored on the conversation
+    row: the run, this `Store` instance, an expiry) from `begin_run` or `resume_run` until `end_run` or
+    `release`, so two runs never interleave their messages (a tool call is always followed by its results).
+    Taking the lease happens in the transaction that begins or resumes the run; every `commit_step` renews it
+    for `lease_ttl` seconds in the statement that already updates the conversation. The agent loop also
+    renews it from a heartbeat when a model request or a tool outlasts a third of `lease_ttl`, and releases it
+    when the run is cancelled (the run stays resumable). Code driving a run by hand whose steps may outlast
+    `lease_ttl` must call `renew`. A process killed outright leaves the lease until it expires; then another
+    run may take the conversation, or `resume_run` (`Agent.resume`) the interrupted run.
+
+    A run that finds the conversation leased by another run (or by the same run in another store) waits up
+    to `lease_wait` seconds, polling with backoff, and then raises `ConversationBusyError` naming the holder
+    and the lease's expiry; `append` waits and refuses the same way. Waiting is not first-come first-served.
+    A run whose lease lapsed and whose conversation another run or `append` wrote to since cannot continue
+    (`commit_step` and `resume_run` raise `ConversationBusyError`): its history would interleave. Expiry
+    times come from the clocks of the processes sharing the store: keep them in sync (NTP).
+
     Args:
         url: a file path or `sqlite:///path` (SQLite with WAL, foreign keys and a busy timeout),
             `":memory:"`, or any SQLAlchemy URL, e.g. `postgresql+psycopg://user@host/db` for many
@@ -83,6 +102,10 @@ class Store:
         durable: SQLite: commit with `synchronous=FULL` (survives power loss) rather than NORMAL (survives
             any process crash, faster).
         echo: log every SQL statement (SQLAlchemy's `echo`).
+        lease_ttl: seconds a run's lease on its conversation lasts after it was taken or last renewed: how
+            long a conversation stays blocked after its process was killed.
+        lease_wait: seconds `begin_run`, `resume_run` and `append` wait for another run's lease before
+            raising `ConversationBusyError` (0: fail at once).
 
     Raises:
         SchemaVersionError: the database was written by a newer mmagent.
@@ -99,12 +122,19 @@ class Store:
         busy_timeout: float = 30.0,
         durable: bool = True,
         echo: bool = False,
+        lease_ttl: float = 60.0,
+        lease_wait: float = 5.0,
     ) -> None:
         if max_artifact_bytes < 1:
             raise UserError(f"max_artifact_bytes must be positive, got {max_artifact_bytes}")
         if busy_timeout < 0:
             raise UserError(f"busy_timeout cannot be negative, got {busy_timeout}")
+        if not (lease_ttl > 0 and math.isfinite(lease_ttl)):
+            raise UserError(f"lease_ttl must be a positive number of seconds, got {lease_ttl}")
+        if not (lease_wait >= 0 and math.isfinite(lease_wait)):
+            raise UserError(f"lease_wait must be a non-negative number of seconds, got {lease_wait}")
         self.max_artifact_bytes = max_artifact_bytes
+        self._leases = Leases(lease_ttl, lease_wait)
         self._db: Database | None = open_database(url, busy_timeout=busy_timeout, durable=durable, echo=echo)
         self._file_threshold = file_artifacts_over
         if file_artifacts_over is not None and self._db.path is None:
@@ -140,6 +170,16 @@ class Store:
         return self._database.where
 
     @property
+    def lease_ttl(self) -> float:
+        """Seconds a run's lease lasts after it was taken or renewed."""
+        return self._leases.ttl
+
+    @property
+    def lease_wait(self) -> float:
+        """Seconds a run (or `append`) waits for another run's lease."""
+        return self._leases.wait
+
+    @property
     def schema_version(self) -> int:
         """The schema version this store was migrated to."""
         return _migrations.SCHEMA_VERSION
@@ -171,25 +211,31 @@ class Store:
         model_name: str,
         system_prompt: str | None,
     ) -> StartedRun:
-        """Create a run (and a conversation when `conversation_id` is None) and commit its first messages.
+        """Take the conversation's lease, create a run (and a conversation, already leased, when
+        `conversation_id` is None) and commit its first messages, all in one transaction.
 
         Raises:
             UserError: `conversation_id` names no stored conversation.
+            ConversationBusyError: another run held the conversation for all of `lease_wait`.
         """
         encoded = encode(new_messages, self.max_artifact_bytes)
-        run_id, now = uuid.uuid4().hex, _now()
-        with self._database.transaction(write=True) as conn:
-            if conversation_id is None:
-                conversation_id = self._create(conn, None, _title(new_messages), {}, now)
+        run_id = uuid.uuid4().hex
+
+        def attempt(conn: Connection, now: dt.datetime) -> StartedRun | Busy:
+            cid = conversation_id
+            if cid is None:
+                cid = self._create(conn, None, _title(new_messages), {}, now)
                 history: list[Message] = []
             else:
-                self._lock_conversation(conn, conversation_id)
-                history = self._load(conn, conversation_id)
-            start = self._next_position(conn, conversation_id)
+                busy = self._leases.claim(conn, self._lock_conversation(conn, cid), run_id, now)
+                if busy is not None:
+                    return busy
+                history = self._load(conn, cid)
+            start = self._next_position(conn, cid)
             conn.execute(
                 insert(s.runs).values(
                     id=run_id,
-                    conversation_id=conversation_id,
+                    conversation_id=cid,
                     status="running",
                     model_name=model_name,
                     system_prompt=system_prompt,
@@ -199,14 +245,44 @@ class Store:
                     updated_at=now,
                 )
             )
-            self._insert(conn, conversation_id, start, encoded, now, run_id=run_id)
-        return StartedRun(run_id=run_id, conversation_id=conversation_id, history=history)
+            self._insert(conn, cid, start, encoded, now, run_id=run_id, lease=self._leases.values(run_id, now))
+            return StartedRun(run_id=run_id, conversation_id=cid, history=history, lease_ttl=self.lease_ttl)
+
+        return self._leases.retry(self._database, attempt)
+
+    def resume_run(self, run_id: str) -> StoredRun:
+        """Take the lease of the run's conversation (waiting as `begin_run` does) and load the run, in one
+        transaction: `load_run`'s answer, for a caller that will continue the run.
+
+        Raises:
+            UserError: unknown run, or a completed one.
+            ConversationBusyError: another run (or this run in another store) held the conversation for all
+                of `lease_wait`, or the run's lease lapsed and the conversation moved on without it.
+        """
+
+        def attempt(conn: Connection, now: dt.datetime) -> StoredRun | Busy:
+            cid = self._run_row(conn, run_id).conversation_id
+            row = self._lock_conversation(conn, cid)
+            run = self._run_row(conn, run_id)  # read again under the lock
+            if run.status == "completed":
+                raise UserError(f"run {run_id} already completed")
+            busy = self._leases.claim(conn, row, run_id, now, since=run.first_position)
+            if busy is not None:
+                return busy
+            conn.execute(
+                update(s.conversations).where(s.conversations.c.id == cid).values(self._leases.values(run_id, now))
+            )
+            return self._stored(conn, run, lease_ttl=self.lease_ttl)
+
+        return self._leases.retry(self._database, attempt)
 
     def commit_step(self, run_id: str, step: int, phase: Phase, messages: Sequence[Message], usage: Usage) -> None:
-        """Commit one phase of a step (the model's message, or the tool results) with the cumulative usage.
+        """Commit one phase of a step (the model's message, or the tool results) with the cumulative usage,
+        renewing the run's lease (or taking it again if it lapsed and nobody wrote since).
 
         Raises:
             UserError: unknown run, a completed run, or a step phase committed twice.
+            ConversationBusyError: the run lost its lease: another run holds it, or wrote after it.
         """
         if phase not in ("model", "tools"):
             raise UserError(f"phase must be 'model' or 'tools', got {phase!r}")
@@ -216,7 +292,10 @@ class Store:
             run = self._run_row(conn, run_id)
             if run.status == "completed":
                 raise UserError(f"run {run_id} is already completed: it takes no more steps")
-            self._lock_conversation(conn, run.conversation_id)
+            row = self._lock_conversation(conn, run.conversation_id)
+            busy = self._leases.claim(conn, row, run_id, now, since=run.first_position)
+            if busy is not None:
+                raise self._leases.lost(run_id, run.conversation_id, busy)
             done = conn.execute(
                 select(func.count())
                 .select_from(s.steps)
@@ -230,58 +309,74 @@ class Store:
                 )
             )
             start = self._next_position(conn, run.conversation_id)
-            self._insert(conn, run.conversation_id, start, encoded, now, run_id=run_id, step=step)
+            lease = self._leases.values(run_id, now)
+            self._insert(conn, run.conversation_id, start, encoded, now, run_id=run_id, step=step, lease=lease)
             conn.execute(
                 update(s.runs)
                 .where(s.runs.c.id == run_id)
                 .values(status="running", error=None, finished_at=None, usage=_usage_json(usage), updated_at=now)
             )
 
+    def renew(self, run_id: str) -> None:
+        """Extend the run's lease by `lease_ttl` from now (a heartbeat for steps that outlast the lease).
+
+        Raises:
+            UserError: unknown run.
+            ConversationBusyError: this store does not hold the run's lease (released, or lost).
+        """
+        now = _now()
+        with self._database.transaction(write=True) as conn:
+            run = self._run_row(conn, run_id)
+            row = self._lock_conversation(conn, run.conversation_id)
+            if not self._leases.ours(row, run_id):
+                raise self._leases.lost(run_id, run.conversation_id, self._leases.holding(row, now))
+            self._leases.claim(conn, row, run_id, now, since=run.first_position)  # lapsed: nobody may have written
+            conn.execute(
+                update(s.conversations)
+                .where(s.conversations.c.id == run.conversation_id)
+                .values(self._leases.values(run_id, now))
+            )
+
+    def release(self, run_id: str) -> None:
+        """Give up the run's lease, if this store holds it, without changing the run (it stays resumable).
+
+        Raises:
+            UserError: unknown run.
+        """
+        with self._database.transaction(write=True) as conn:
+            run = self._run_row(conn, run_id)
+            self._leases.clear(conn, run.conversation_id, run_id, only_ours=True)
+
     def end_run(self, run_id: str, status: Literal["completed", "failed"], error: str | None = None) -> None:
-        """Mark a run completed or failed (a failed run can still be resumed)."""
+        """Mark a run completed or failed (a failed run can still be resumed) and release its lease.
+
+        A run that another store is driving (it resumed the run after this store's lease lapsed) is left to it.
+        """
         if status not in ("completed", "failed"):
             raise UserError(f"status must be 'completed' or 'failed', got {status!r}")
         now = _now()
         with self._database.transaction(write=True) as conn:
-            self._run_row(conn, run_id)
+            run = self._run_row(conn, run_id)
+            row = self._lock_conversation(conn, run.conversation_id)
+            if row.lease_run_id == run_id and not self._leases.ours(row, run_id) and self._leases.holding(row, now):
+                return
             conn.execute(
                 update(s.runs)
                 .where(s.runs.c.id == run_id)
                 .values(status=status, error=error, finished_at=now, updated_at=now)
             )
+            if row.lease_run_id == run_id:
+                self._leases.clear(conn, run.conversation_id, run_id, only_ours=False)
 
     def load_run(self, run_id: str) -> StoredRun:
-        """The run's conversation up to its last committed step, and where to continue.
+        """The run's conversation up to its last committed step, and where to continue (takes no lease:
+        `resume_run` does, for a caller that continues the run).
 
         Raises:
             UserError: unknown run.
         """
         with self._database.transaction(write=False) as conn:
-            run = self._run_row(conn, run_id)
-            last = conn.execute(
-                select(s.steps.c.step, s.steps.c.phase)
-                .where(s.steps.c.run_id == run_id)
-                .order_by(s.steps.c.step.desc(), (s.steps.c.phase == "tools").desc())
-                .limit(1)
-            ).first()
-            m = s.messages.c
-            span = conn.execute(
-                select(func.max(m.position), func.count()).where(
-                    m.conversation_id == run.conversation_id, m.run_id == run_id
-                )
-            ).one()
-            upto = span[0] if span[0] is not None else run.first_position - 1
-            history = self._load(conn, run.conversation_id, upto=upto)
-        next_step = 0 if last is None else last.step + (1 if last.phase == "tools" else 0)
-        return StoredRun(
-            run_id=run_id,
-            conversation_id=run.conversation_id,
-            status=run.status,
-            messages=history,
-            new_message_count=int(span[1]),
-            next_step=next_step,
-            usage=_usage(run.usage),
-        )
+            return self._stored(conn, self._run_row(conn, run_id), lease_ttl=None)
 
     # ------------------------------------------------------------------ conversations
 
@@ -309,12 +404,21 @@ class Store:
         return cid
 
     def append(self, conversation_id: str, messages: Sequence[Message]) -> None:
-        """Append messages to a conversation (outside any run) in one transaction."""
+        """Append messages to a conversation (outside any run) in one transaction.
+
+        Raises:
+            UserError: no such conversation.
+            ConversationBusyError: a run held the conversation's lease for all of `lease_wait`.
+        """
         encoded = encode(messages, self.max_artifact_bytes)
-        now = _now()
-        with self._database.transaction(write=True) as conn:
-            self._lock_conversation(conn, conversation_id)
-            self._insert(conn, conversation_id, self._next_position(conn, conversation_id), encoded, now)
+
+        def attempt(conn: Connection, now: dt.datetime) -> Busy | None:
+            busy = self._leases.claim(conn, self._lock_conversation(conn, conversation_id), None, now)
+            if busy is None:
+                self._insert(conn, conversation_id, self._next_position(conn, conversation_id), encoded, now)
+            return busy
+
+        self._leases.retry(self._database, attempt)
 
     def load_conversation(self, conversation_id: str) -> list[Message]:
         """Every message of a conversation, in order, media bytes included."""
@@ -564,11 +668,15 @@ class Store:
         if conn.execute(select(s.conversations.c.id).where(s.conversations.c.id == cid)).first() is None:
             raise self._missing("conversation", cid)
 
-    def _lock_conversation(self, conn: Connection, cid: str) -> None:
-        """Serialise writers of one conversation (row lock on PostgreSQL; SQLite already holds the write lock)."""
-        stmt = select(s.conversations.c.id).where(s.conversations.c.id == cid).with_for_update()
-        if conn.execute(stmt).first() is None:
+    def _lock_conversation(self, conn: Connection, cid: str) -> Any:
+        """Serialise writers of one conversation (row lock on PostgreSQL; SQLite already holds the write lock);
+        return its id and lease."""
+        c = s.conversations.c
+        stmt = select(c.id, c.lease_run_id, c.lease_holder, c.lease_expires_at).where(c.id == cid).with_for_update()
+        row = conn.execute(stmt).first()
+        if row is None:
             raise self._missing("conversation", cid)
+        return row
 
     def _lock_artifacts(self, conn: Connection, *, exclusive: bool) -> None:
         """PostgreSQL: writers share this lock, garbage collection takes it alone (no deletion of an artifact
@@ -582,6 +690,33 @@ class Store:
         if row is None:
             raise self._missing("run", run_id)
         return row
+
+    def _stored(self, conn: Connection, run: Any, *, lease_ttl: float | None) -> StoredRun:
+        last = conn.execute(
+            select(s.steps.c.step, s.steps.c.phase)
+            .where(s.steps.c.run_id == run.id)
+            .order_by(s.steps.c.step.desc(), (s.steps.c.phase == "tools").desc())
+            .limit(1)
+        ).first()
+        m = s.messages.c
+        span = conn.execute(
+            select(func.max(m.position), func.count()).where(
+                m.conversation_id == run.conversation_id, m.run_id == run.id
+            )
+        ).one()
+        upto = span[0] if span[0] is not None else run.first_position - 1
+        history = self._load(conn, run.conversation_id, upto=upto)
+        next_step = 0 if last is None else last.step + (1 if last.phase == "tools" else 0)
+        return StoredRun(
+            run_id=run.id,
+            conversation_id=run.conversation_id,
+            status=run.status,
+            messages=history,
+            new_message_count=int(span[1]),
+            next_step=next_step,
+            usage=_usage(run.usage),
+            lease_ttl=lease_ttl,
+        )
 
     def _next_position(self, conn: Connection, cid: str) -> int:
         m = s.messages.c
@@ -598,9 +733,28 @@ class Store:
         *,
         run_id: str | None = None,
         step: int | None = None,
+        lease: Mapping[str, Any] | None = None,
     ) -> None:
-        if not encoded.roles:
-            return
+        """Insert the messages from `start`, then touch the conversation: `updated_at`, and the `lease` columns
+        given, in one UPDATE (so renewing a lease with a step costs no statement of its own)."""
+        touch = dict(lease or {})
+        if encoded.roles:
+            self._insert_messages(conn, cid, start, encoded, now, run_id=run_id, step=step)
+            touch["updated_at"] = now
+        if touch:
+            conn.execute(update(s.conversations).where(s.conversations.c.id == cid).values(touch))
+
+    def _insert_messages(
+        self,
+        conn: Connection,
+        cid: str,
+        start: int,
+        encoded: Encoded,
+        now: dt.datetime,
+        *,
+        run_id: str | None,
+        step: int | None,
+    ) -> None:
         self._put_artifacts(conn, encoded.artifacts, now)
         rows = [
             {
@@ -621,7 +775,6 @@ class Store:
         part_rows = [{**row, "message_id": mid} for mid, rows_ in zip(ids, encoded.parts, strict=True) for row in rows_]
         if part_rows:
             conn.execute(insert(s.parts), part_rows)
-        conn.execute(update(s.conversations).where(s.conversations.c.id == cid).values(updated_at=now))
 
     def _put_artifacts(self, conn: Connection, artifacts: Mapping[str, Artifact], now: dt.datetime) -> None:
         if not artifacts:

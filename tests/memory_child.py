@@ -2,8 +2,9 @@
 
 `agent_child` runs a real agent (FunctionModel + a tool) against a store and reports, on a file descriptor,
 each step right after its commit returned: `RUN <run> <conversation>`, then `STEP <run> <step> <phase>
-<call ids>`. The parent SIGKILLs it at a random moment. `append_worker` appends messages to a shared
-conversation for the concurrency test.
+<call ids>`. The parent SIGKILLs it at a random moment (its store's lease is short, so the parent can resume
+at once). `append_worker` appends messages to a shared conversation for the concurrency test; `turn_worker`
+runs one agent turn on a shared conversation for the lease test (`test_memory_lease.py`).
 
 Run by hand: `python tests/memory_child.py agent <db path or URL> <log file> <tag>` prints the same lines.
 """
@@ -63,11 +64,15 @@ def build_agent(store: Store, log_path: str) -> Agent:
     return Agent(FunctionModel(script), tools=[work_tool(log_path)], memory=store, max_steps=STEPS + 5)
 
 
+# The killed child's lease blocks its conversation until it expires: short, so the parent resumes at once.
+CHILD_LEASE_TTL = 0.25
+
+
 class ReportingStore(Store):
     """A store that reports each run and committed step on a file descriptor after the commit returned."""
 
     def __init__(self, url: str, fd: int) -> None:
-        super().__init__(url)
+        super().__init__(url, lease_ttl=CHILD_LEASE_TTL)
         self._fd = fd
 
     def _say(self, line: str) -> None:
@@ -123,6 +128,39 @@ def append_worker(url: str, worker: int, count: int, barrier: Any, shared: str) 
                 )
                 store.commit_step(run.run_id, 0, "model", [Message.assistant(f"answer {i}")], Usage(requests=1))
                 store.end_run(run.run_id, "completed")
+        store.close()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+TURN_PAUSE = 0.05  # seconds the `pause` tool sleeps: long enough for concurrent turns to overlap
+
+
+def turn_script(messages: list[Message], info: AgentInfo) -> str | list[Part]:
+    """One tool call, then a final answer; the turn's tag is in its (last) user message `turn <tag>`."""
+    tag = next(m.text.split()[1] for m in reversed(messages) if m.role == "user" and m.text.startswith("turn "))
+    if messages[-1].role == "user":
+        return [ToolCallPart(id=f"{tag}-call", name="pause", arguments={})]
+    return f"done {tag}"
+
+
+def pause() -> str:
+    """Sleep a little, as a slow tool would."""
+    time.sleep(TURN_PAUSE)
+    return "paused"
+
+
+def turn_worker(url: str, tag: str, conversation_id: str, barrier: Any, options: dict[str, Any]) -> None:
+    """Open a store, wait for the others, then run one agent turn (a tool call, then text) on the shared
+    conversation. Exits 1 on any error."""
+    try:
+        store = Store(url, **options)
+        barrier.wait()
+        agent = Agent(FunctionModel(turn_script), tools=[Tool.from_function(pause)], memory=store)
+        result = asyncio.run(agent.run(f"turn {tag}", conversation_id=conversation_id))
+        assert result.output == f"done {tag}", result.output
         store.close()
     except BaseException:
         traceback.print_exc()

@@ -22,6 +22,7 @@ import pytest
 from memory_support import store_url_fixture  # noqa: F401
 from sqlalchemy import create_engine, text
 
+import memory
 from agent.messages import Message, ToolCallPart, ToolResultPart
 from memory import Store
 
@@ -204,7 +205,7 @@ def test_eight_processes_append_concurrently(store_url: str) -> None:
         assert sorted(c.message_count for c in own) == [count + 2 * runs_per_worker] * workers
         assert len(store.list_runs(status="completed", limit=None)) == workers * runs_per_worker
         assert [h.text for h in store.search("token3x7", conversation_id="shared")] == ["worker3 item7 token3x7"]
-        assert store.schema_version == 1
+        assert store.schema_version == memory.SCHEMA_VERSION
     engine = create_engine(_engine_url(store_url))
     with engine.connect() as conn:
         positions = conn.execute(
@@ -212,5 +213,5 @@ def test_eight_processes_append_concurrently(store_url: str) -> None:
         ).scalars()
         assert list(positions) == list(range(workers * count))
         assert conn.execute(text("SELECT count(*) FROM mm_artifacts")).scalar_one() == 1
-        assert conn.execute(text("SELECT count(*) FROM mm_schema_version")).scalar_one() == 1
+        assert conn.execute(text("SELECT count(*) FROM mm_schema_version")).scalar_one() == memory.SCHEMA_VERSION
     engine.dispose()

@@ -204,7 +204,7 @@ def test_opening_twice_migrates_once_and_sqlite_settings_apply(tmp_path: Path) -
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
-        assert conn.exec_driver_sql("SELECT count(*) FROM mm_schema_version").scalar() == 1
+        assert conn.exec_driver_sql("SELECT count(*) FROM mm_schema_version").scalar() == memory.SCHEMA_VERSION
 
 
 def test_bad_targets_give_clear_errors(tmp_path: Path) -> None:
