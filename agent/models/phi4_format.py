@@ -15,10 +15,14 @@ Security: every piece of text that does not come from this renderer (system prom
 results, earlier assistant text, JSON values) is escaped so that it can never tokenize into one of
 Phi-4's control or tool tokens: `<|` becomes `<` + U+200B + `|` in plain text, and `<\\u007c` inside JSON
 strings (the same JSON value). All added tokens start with `<|`, so no untrusted run can contain one.
+`functools[` in plain text gets a U+200B after `functools` too, so a model quoting a page that holds it
+does not copy a call prefix.
 
 Parsing accepts the three formats seen in the wild: `<|tool_call|>{json}<|/tool_call|>` (one object or a
-list, closing tag optional), `functools[...]`, and a bare JSON list or object of calls. Text around calls is
-kept. Malformed calls become errors for a retry request; `parse_completion` never raises.
+list, closing tag optional, anywhere in the completion), and, only at the very start of the completion
+(where a model's own format puts them), `functools[...]` and a bare JSON list or object of calls: text that
+merely quotes one later on stays text. Text around calls is kept. Malformed calls become errors for a retry
+request; `parse_completion` never raises.
 """
 
 from __future__ import annotations
@@ -66,11 +70,17 @@ IMAGE_PLACEHOLDER = "<|image|>"
 AUDIO_PLACEHOLDER = "<|audio|>"
 
 _ZWSP = "\u200b"
+_FUNCTOOLS_IN_TEXT = re.compile(r"functools(?=\s*\[)")
 
 
 def escape_text(text: str) -> str:
-    """Make untrusted text unable to form any `<|...|>` token."""
-    return text.replace("<|", "<" + _ZWSP + "|")
+    """Make untrusted text unable to form any `<|...|>` token or spell a `functools[` call prefix."""
+    return break_functools(text.replace("<|", "<" + _ZWSP + "|"))
+
+
+def break_functools(text: str) -> str:
+    """Put U+200B after every `functools` that a `[` follows (vLLM's Phi-4 call prefix)."""
+    return _FUNCTOOLS_IN_TEXT.sub("functools" + _ZWSP, text) if "functools" in text else text
 
 
 def escape_json(value: Any) -> str:
@@ -266,6 +276,7 @@ def parse_completion(
     open_tag: str = TOOL_CALL,
     close_tag: str = TOOL_CALL_END,
     trailers: Sequence[str] = _TRAILERS,
+    json_answer: bool = False,
 ) -> ParsedCompletion:
     """Read a completion into text and tool-call parts. Never raises.
 
@@ -275,9 +286,11 @@ def parse_completion(
             served by the transformers backend use `<tool_call>`.
         close_tag: the tag closing the block (optional in the output).
         trailers: end-of-turn markers stripped from the end of the text.
+        json_answer: the answer is JSON by request (`response_format`): only tagged blocks are calls, so a
+            JSON answer holding a `"name"` key is not read as a bare call.
     """
     try:
-        return _parse(raw, open_tag, close_tag, tuple(trailers))
+        return _parse(raw, open_tag, close_tag, tuple(trailers), json_answer)
     except Exception as exc:  # defensive: a parser bug must not stop the loop
         return ParsedCompletion(parts=(TextPart(text=raw),) if raw else (), errors=(f"unreadable output: {exc}",))
 
@@ -295,7 +308,7 @@ def _strip_trailers(text: str, trailers: tuple[str, ...]) -> str:
     return text
 
 
-def _parse(raw: str, open_tag: str, close_tag: str, trailers: tuple[str, ...]) -> ParsedCompletion:
+def _parse(raw: str, open_tag: str, close_tag: str, trailers: tuple[str, ...], json_answer: bool) -> ParsedCompletion:
     text = _strip_trailers(raw, trailers)
     texts: list[str] = []
     calls: list[ToolCallPart] = []
@@ -330,17 +343,18 @@ def _parse(raw: str, open_tag: str, close_tag: str, trailers: tuple[str, ...]) -
                     errors.append(f"unexpected text after the JSON inside {open_tag}: {_clip(rest)}")
             pos = body_end + len(close_tag) if end >= 0 else len(text)
     else:
-        match = _FUNCTOOLS.search(text)
+        # functools[...] and bare JSON calls count only at the very start (after whitespace)
+        lead = len(text) - len(text.lstrip())
+        match = None if json_answer else _FUNCTOOLS.match(text, lead)
         start = match.end() if match else -1
-        if start < 0:
-            bare = _CALL_START.search(text)
-            stripped = text.lstrip()
-            if bare and bare.start() == len(text) - len(stripped):  # only at the very beginning
+        if start < 0 and not json_answer:
+            bare = _CALL_START.match(text, lead)
+            if bare:
                 start = bare.start()
         if start < 0:
             texts.append(text)
         else:
-            texts.append(text[: match.start()] if match else text[:start])
+            texts.append(text[:lead])
             decoded = _decode_at(text, start)
             if isinstance(decoded, str):
                 errors.append(decoded)
@@ -363,18 +377,20 @@ _FUNCTOOLS_WORD = "functools"
 _BARE_PREFIXES = ('[{"name"', '{"name"')
 
 
-def stream_safe_length(text: str, *, open_tag: str = TOOL_CALL, stops: Sequence[str] = ()) -> int:
+def stream_safe_length(
+    text: str, *, open_tag: str = TOOL_CALL, stops: Sequence[str] = (), json_answer: bool = False
+) -> int:
     """How many leading characters of a growing completion can be streamed as assistant text now.
 
-    Holds back whatever may still turn out to be a tool-call block (the open tag, `functools[`, a bare
-    JSON call at the very start), a stop string, an incomplete character, and leading/trailing whitespace
-    (the parser strips it), so that the streamed pieces are always a prefix of the final parsed text
-    when the completion has no calls before its text.
+    Holds back whatever may still turn out to be a tool-call block (the open tag; `functools[` or a bare
+    JSON call at the very start, unless `json_answer`), a stop string, an incomplete character, and
+    leading/trailing whitespace (the parser strips it), so that the streamed pieces are always a prefix of
+    the final parsed text when the completion has no calls before its text.
     """
     body = text.lstrip()
     if not body:
         return 0
-    if body[0] in "[{" and _may_be_bare_call(body):
+    if not json_answer and ((body[0] in "[{" and _may_be_bare_call(body)) or _may_be_functools(body)):
         return 0
     limit = len(text)
     for marker in (open_tag, *stops):
@@ -383,15 +399,7 @@ def stream_safe_length(text: str, *, open_tag: str = TOOL_CALL, stops: Sequence[
         found = text.find(marker)
         if found >= 0:
             limit = min(limit, found)
-    match = _FUNCTOOLS.search(text)
-    if match:
-        limit = min(limit, match.start())
-    limit = min(limit, len(text) - _partial_suffix(text[:limit], (open_tag, _FUNCTOOLS_WORD, *stops)))
-    trailing = text[:limit]
-    if _FUNCTOOLS_WORD in trailing:  # "functools" (+ whitespace) may still be followed by "["
-        at = trailing.rfind(_FUNCTOOLS_WORD)
-        if not trailing[at + len(_FUNCTOOLS_WORD) :].strip():
-            limit = at
+    limit = min(limit, len(text) - _partial_suffix(text[:limit], (open_tag, *stops)))
     while limit > 0 and (text[limit - 1].isspace() or text[limit - 1] == "\ufffd"):
         limit -= 1
     return max(limit, 0)
@@ -408,7 +416,136 @@ def _partial_suffix(text: str, markers: Sequence[str]) -> int:
     return best
 
 
+def _may_be_functools(body: str) -> bool:
+    """Whether text (without leading whitespace) is, or may still become, `functools[`."""
+    if len(body) <= len(_FUNCTOOLS_WORD):
+        return _FUNCTOOLS_WORD.startswith(body)
+    return body.startswith(_FUNCTOOLS_WORD) and (
+        not body[len(_FUNCTOOLS_WORD) :].strip() or _FUNCTOOLS.match(body) is not None
+    )
+
+
 def _may_be_bare_call(body: str) -> bool:
     """Whether text starting with `[` or `{` is, or may still become, a bare JSON tool call."""
     compact = "".join(body[:64].split())[:8]
     return any(p.startswith(compact) or compact.startswith(p) for p in _BARE_PREFIXES)
+
+
+@dataclass(frozen=True, slots=True)
+class PartialCall:
+    """A call read from a growing call block: its name, and the raw JSON text of its arguments so far."""
+
+    name: str
+    arguments: str
+    complete: bool
+
+
+def scan_call_block(body: str) -> list[PartialCall] | None:
+    """Read a growing call block in the layout the grammar writes (`[{"name": "x", "arguments": {...}}, ...`)
+    as far as it goes: the calls whose name is complete, the last perhaps with unfinished arguments.
+
+    `body` is the text after the open tag. Returns None when the text leaves that layout (an unconstrained
+    model wrote something else), so that a caller streaming calls stops and waits for the parsed result.
+    """
+    reader = _BlockReader(body)
+    calls: list[PartialCall] = []
+    try:
+        reader.expect("[")
+        while True:
+            reader.expect("{")
+            reader.expect('"name"')
+            reader.expect(":")
+            name = reader.string()
+            calls.append(PartialCall(name, "", False))  # the name is known: a caller may announce the call
+            reader.expect(",")
+            reader.expect('"arguments"')
+            reader.expect(":")
+            start = reader.skip_ws()
+            end = reader.value_end()
+            calls[-1] = PartialCall(name, body[start:end], reader.closed)
+            if not reader.closed:
+                return calls
+            reader.expect("}")
+            reader.skip_ws()
+            if reader.at(","):
+                reader.expect(",")
+                continue
+            reader.expect("]")
+            return calls
+    except _Incomplete:
+        return calls
+    except _OffLayout:
+        return None
+
+
+class _Incomplete(Exception):
+    pass
+
+
+class _OffLayout(Exception):
+    pass
+
+
+class _BlockReader:
+    def __init__(self, text: str) -> None:
+        self.text, self.pos, self.closed = text, 0, False
+
+    def skip_ws(self) -> int:
+        self.pos = _skip_ws(self.text, self.pos)
+        return self.pos
+
+    def at(self, literal: str) -> bool:
+        return self.text.startswith(literal, self.pos)
+
+    def expect(self, literal: str) -> None:
+        self.skip_ws()
+        rest = self.text[self.pos : self.pos + len(literal)]
+        if rest == literal:
+            self.pos += len(literal)
+            return
+        if literal.startswith(rest):  # the text ends inside the literal
+            raise _Incomplete
+        raise _OffLayout
+
+    def string(self) -> str:
+        self.skip_ws()
+        if self.pos >= len(self.text):
+            raise _Incomplete
+        if self.text[self.pos] != '"':
+            raise _OffLayout
+        try:
+            value, self.pos = _DECODER.raw_decode(self.text, self.pos)
+        except json.JSONDecodeError as exc:
+            raise _Incomplete from exc  # unfinished (the grammar writes only valid strings)
+        if not isinstance(value, str):
+            raise _OffLayout
+        return value
+
+    def value_end(self) -> int:
+        """Where the JSON object at `pos` ends (just past it), or the end of the text; sets `closed`."""
+        text, pos = self.text, self.pos
+        if pos >= len(text):
+            raise _Incomplete
+        if text[pos] != "{":
+            raise _OffLayout
+        depth, in_string, escape = 0, False, False
+        for i in range(pos, len(text)):
+            c = text[i]
+            if in_string:
+                if escape:
+                    escape = False
+                elif c == "\\":
+                    escape = True
+                elif c == '"':
+                    in_string = False
+            elif c == '"':
+                in_string = True
+            elif c in "{[":
+                depth += 1
+            elif c in "}]":
+                depth -= 1
+                if depth == 0:
+                    self.pos, self.closed = i + 1, True
+                    return i + 1
+        self.pos, self.closed = len(text), False
+        return len(text)
