@@ -56,3 +56,22 @@ def tiny_phi4(tiny_phi4_loaded: tuple[Any, Any]) -> Iterator[Any]:
     model.disable_adapters()
     yield TransformersModel(model, processor, adapters=())
     model.disable_adapters()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A `TransformersModel` on a tiny random Llama with a ChatML template (a plain text chat model)."""
+    pytest.importorskip("torch")
+    from agent.models.tiny import build_tiny_chat
+    from agent.models.transformers import TransformersModel
+
+    return TransformersModel.from_pretrained(build_tiny_chat(tmp_path_factory.mktemp("tiny-chat")), progress=False)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`@pytest.mark.slow_with("smollm2")`: the test is slow only for that parameter (a fixture's or its own)."""
+    for item in items:
+        marker = item.get_closest_marker("slow_with")
+        callspec = getattr(item, "callspec", None)
+        if marker is not None and callspec is not None and set(marker.args) & set(map(str, callspec.params.values())):
+            item.add_marker(pytest.mark.slow)

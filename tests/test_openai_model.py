@@ -176,6 +176,20 @@ async def test_invalid_json_arguments_become_parse_errors() -> None:
     await client.aclose()
 
 
+async def test_lone_surrogates_from_a_server_do_not_crash_the_backend() -> None:
+    """A server's `"\\ud800"` escapes decode to lone surrogates: text gets U+FFFD, such a call is a parse error."""
+    body = json.dumps(
+        completion("bad \ud800 text", [fn_call("c1", "add", '{"a": "\\udc80"}'), fn_call("c2", "add", "{}")])
+    )
+    rec = Recorder(httpx.Response(200, content=body.encode(), headers={"content-type": "application/json"}))
+    model, client = model_with(rec)
+    response = await model.request([Message.user("add")], [ADD], ModelSettings())
+    assert response.message.text == "bad \ufffd text"
+    assert [c.id for c in response.message.tool_calls] == ["c2"]
+    assert len(response.parse_errors) == 1 and "not valid Unicode" in response.parse_errors[0]
+    await client.aclose()
+
+
 async def test_agent_loop_retries_after_unparsable_arguments() -> None:
     rec = Recorder(
         httpx.Response(200, json=completion(None, [fn_call("c1", "add", "{oops")])),

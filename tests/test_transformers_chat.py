@@ -16,7 +16,7 @@ from PIL import Image
 
 from agent import Agent, Message
 from agent.messages import ImagePart
-from agent.models import ModelSettings
+from agent.models import ModelSettings, TextDelta, ToolCallDelta
 from agent.models.tiny import ScriptedOutputs
 from agent.models.transformers import TransformersModel
 
@@ -86,9 +86,12 @@ async def test_media_is_described_not_dropped_silently(tiny_chat: TransformersMo
 async def test_streaming_hides_the_plain_tool_call(tiny_chat: TransformersModel) -> None:
     model = _scripted(tiny_chat, ['Let me add.<tool_call>[{"name": "add", "arguments": {}}]</tool_call><|im_end|>'])
     items = [i async for i in model.request_stream([Message.user("hi")], [], ModelSettings(max_tokens=40))]
-    deltas = "".join(i.text for i in items[:-1])  # type: ignore[union-attr]
+    deltas = "".join(i.text for i in items if isinstance(i, TextDelta))
     assert deltas == "Let me add."
     assert items[-1].message.tool_calls[0].name == "add"  # type: ignore[union-attr]
+    # unconstrained (no tools given): the call is not streamed live but sent whole, from the parsed response
+    calls = [i for i in items if isinstance(i, ToolCallDelta)]
+    assert [(c.index, c.name, c.arguments) for c in calls] == [(0, "add", ""), (0, None, "{}")]
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from agent.messages import Message, Part, ToolDefinition
 
@@ -23,7 +23,10 @@ __all__ = [
     "ModelResponse",
     "ModelSettings",
     "ParsedCompletion",
+    "ResponseFormat",
     "TextDelta",
+    "TokenLogprob",
+    "ToolCallDelta",
     "ToolChoice",
     "Usage",
 ]
@@ -33,8 +36,40 @@ ToolChoice = Literal["auto", "required", "none"] | str
 
 
 @dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """The answer must be JSON (OpenAI's `response_format`): any object, or a value matching `schema`.
+
+    Attributes:
+        schema: a JSON schema the answer must match; None means any JSON object (`json_object`).
+        name: the schema's name (OpenAI's `json_schema.name`).
+        strict: the client asked for strict adherence; the grammar enforces the schema either way.
+    """
+
+    schema: dict[str, Any] | None = None
+    name: str = "response"
+    strict: bool = True
+
+    def json_schema(self) -> dict[str, Any]:
+        """The schema to enforce (`{"type": "object"}` for `json_object`)."""
+        return self.schema if self.schema is not None else {"type": "object"}
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSettings:
-    """Generation settings a backend honours where it can."""
+    """Generation settings a backend honours where it can.
+
+    Attributes:
+        max_tokens: the most tokens to generate.
+        temperature: 0 decodes greedily.
+        top_p: nucleus sampling mass.
+        seed: makes sampling repeatable.
+        tool_choice: `auto`, `required`, `none` or a tool name.
+        stop: strings that end the output (not included in it).
+        parallel_tool_calls: the model may call several tools in one turn (False: at most one call).
+        response_format: the answer must be JSON (with tools and `auto`: that JSON, or calls).
+        logprobs: None for none; 0 for the log probability of each generated token; k for the k most likely
+            alternatives at each position too (see `ModelResponse.logprobs`).
+    """
 
     max_tokens: int = 1024
     temperature: float = 0.0
@@ -42,6 +77,9 @@ class ModelSettings:
     seed: int | None = None
     tool_choice: ToolChoice = "auto"
     stop: tuple[str, ...] = ()
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +105,33 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token with its log probability, and the most likely alternatives at its position.
+
+    Attributes:
+        token: the token's text (a lone piece of a multi-byte character decodes as U+FFFD).
+        logprob: its natural-log probability under the distribution it was sampled from.
+        top: (token, logprob) of the most likely tokens at that position, best first.
+    """
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ModelResponse:
-    """One model turn: the parsed assistant message and what it cost."""
+    """One model turn: the parsed assistant message and what it cost.
+
+    Attributes:
+        message: the assistant message (text and tool calls).
+        usage: tokens and requests.
+        model_name: the model that answered.
+        raw_text: the completion as generated, markup included.
+        parse_errors: why parts of the output could not be read as calls (the loop sends a retry).
+        finish_reason: `stop`, `length` or `cancelled`.
+        logprobs: per generated token, when `ModelSettings.logprobs` asked for them and the backend has them.
+    """
 
     message: Message
     usage: Usage = field(default_factory=lambda: Usage(requests=1))
@@ -76,6 +139,7 @@ class ModelResponse:
     raw_text: str | None = None
     parse_errors: tuple[str, ...] = ()
     finish_reason: str | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,11 +157,31 @@ class TextDelta:
     text: str
 
 
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of a tool call, streamed as it is generated: first the call's name (with `arguments` empty),
+    then pieces of its arguments' JSON text, which concatenate to the whole. The `ModelResponse` that ends
+    the stream holds the parsed calls and is authoritative.
+
+    Attributes:
+        index: which call of the turn (0, 1, ...).
+        name: the tool's name, on the first delta of a call only.
+        arguments: the next piece of the arguments' JSON text.
+    """
+
+    index: int
+    name: str | None = None
+    arguments: str = ""
+
+
 class Model(abc.ABC):
     """A model backend."""
 
     #: Context window in tokens, or None when unknown.
     context_length: int | None = None
+
+    #: What the model reads besides text ("image", "audio"); a server refuses media it cannot read.
+    input_modalities: frozenset[str] = frozenset({"text", "image", "audio"})
 
     @property
     @abc.abstractmethod
@@ -112,8 +196,9 @@ class Model(abc.ABC):
 
     async def request_stream(
         self, messages: Sequence[Message], tools: Sequence[ToolDefinition], settings: ModelSettings
-    ) -> AsyncIterator[TextDelta | ModelResponse]:
-        """Yield text deltas as they come, then the `ModelResponse`. The default streams nothing early."""
+    ) -> AsyncIterator[TextDelta | ToolCallDelta | ModelResponse]:
+        """Yield text (and tool-call) deltas as they come, then the `ModelResponse`. The default streams the
+        text at the end; callers that do not stream calls ignore `ToolCallDelta`s."""
         response = await self.request(messages, tools, settings)
         if response.message.text:
             yield TextDelta(response.message.text)

@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "ANSWER",
     "PHI4_FORMAT",
     "TAGGED_FORMAT",
     "CallFormat",
@@ -83,6 +84,7 @@ __all__ = [
     "ToolCallLogitsProcessor",
     "ToolCallMatcher",
     "ToolConstraint",
+    "check_answer_schema",
     "check_tool_schema",
     "check_tools",
 ]
@@ -138,7 +140,11 @@ class SchemaSupport:
         return self.level == "exact"
 
 
+ANSWER = "(answer)"
+"""The key of the JSON answer's entry in `ToolConstraint.support` (no tool can have this name)."""
+
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
+_ANY_JSON: dict[str, Any] = {}
 
 
 def _llguidance() -> Any:
@@ -165,13 +171,17 @@ def _first_line(message: str) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
 
 
-def _compile_schema(llg: Any, parameters: dict[str, Any]) -> tuple[dict[str, Any], SchemaSupport]:
-    """The schema to embed for one tool, and how well it is enforced. Never raises."""
+def _compile_schema(
+    llg: Any, parameters: dict[str, Any], *, arguments: bool = True
+) -> tuple[dict[str, Any], SchemaSupport]:
+    """The schema to embed for one tool's arguments (or, with `arguments=False`, for a JSON answer), and how
+    well it is enforced. Never raises."""
+    fallback = _ANY_OBJECT if arguments else _ANY_JSON
     if not isinstance(parameters, dict):
-        return _ANY_OBJECT, SchemaSupport("unconstrained", ("the parameter schema is not a JSON object",))
-    schema, problems = prepare_schema(parameters)
+        return fallback, SchemaSupport("unconstrained", ("the schema is not a JSON object",))
+    schema, problems = prepare_schema(parameters, arguments=arguments)
     if problems:
-        return _ANY_OBJECT, SchemaSupport("unconstrained", tuple(problems))
+        return fallback, SchemaSupport("unconstrained", tuple(problems))
     ok, messages = _validate(llg, schema, lenient=False)
     if ok:
         return with_options(schema), SchemaSupport("exact")
@@ -184,7 +194,7 @@ def _compile_schema(llg: Any, parameters: dict[str, Any]) -> tuple[dict[str, Any
         if ok:
             found = tuple(messages) + tuple(f"pattern {p!r} not enforced" for p in removed)
             return with_options(schema, lenient=True), SchemaSupport("approximate", found)
-    return _ANY_OBJECT, SchemaSupport("unconstrained", tuple(messages or lenient_messages))
+    return fallback, SchemaSupport("unconstrained", tuple(messages or lenient_messages))
 
 
 def check_tool_schema(parameters: dict[str, Any]) -> SchemaSupport:
@@ -202,6 +212,14 @@ def check_tool_schema(parameters: dict[str, Any]) -> SchemaSupport:
 def check_tools(tools: Sequence[ToolDefinition]) -> dict[str, SchemaSupport]:
     """`check_tool_schema` for each tool, by name."""
     return {tool.name: check_tool_schema(tool.parameters) for tool in tools}
+
+
+def check_answer_schema(schema: dict[str, Any]) -> SchemaSupport:
+    """How completely constrained decoding can enforce a `response_format` JSON schema (any root type)."""
+    llg = _llguidance()
+    if llg is None:
+        return SchemaSupport("unconstrained", ("llguidance is not installed (pip install llguidance)",))
+    return _compile_schema(llg, schema, arguments=False)[1]
 
 
 # ------------------------------------------------------------------ engine
@@ -228,8 +246,8 @@ class GrammarEngine:
         self._token_ids = token_ids
         self.eos_token_ids: tuple[int, ...] = tuple(eos_token_ids)
         self.disabled_reason = disabled_reason
-        self._schemas: dict[str, tuple[dict[str, Any], SchemaSupport]] = {}
-        self._constraints: OrderedDict[tuple[str, str, CallFormat], ToolConstraint] = OrderedDict()
+        self._schemas: dict[tuple[str, bool], tuple[dict[str, Any], SchemaSupport]] = {}
+        self._constraints: OrderedDict[tuple[str, str, CallFormat, bool, str], ToolConstraint] = OrderedDict()
 
     @classmethod
     def from_tokenizer(
@@ -273,35 +291,65 @@ class GrammarEngine:
         """Size of the masks this engine produces (None when disabled)."""
         return self.tables.vocab_size if self.tables is not None else None
 
-    def schema_support(self, parameters: dict[str, Any]) -> tuple[dict[str, Any], SchemaSupport]:
-        """The (cached) embedded schema and support level for one parameter schema."""
-        key = json.dumps(parameters, sort_keys=True, default=str)
+    def schema_support(
+        self, parameters: dict[str, Any], *, arguments: bool = True
+    ) -> tuple[dict[str, Any], SchemaSupport]:
+        """The (cached) embedded schema and support level for one parameter (or, `arguments=False`, answer) schema."""
+        key = (json.dumps(parameters, sort_keys=True, default=str), arguments)
         found = self._schemas.get(key)
         if found is None:
-            found = _compile_schema(self._llg, parameters)
+            found = _compile_schema(self._llg, parameters, arguments=arguments)
             self._schemas[key] = found
         return found
 
     def constraint(
-        self, tools: Sequence[ToolDefinition], tool_choice: ToolChoice = "auto", fmt: CallFormat = PHI4_FORMAT
+        self,
+        tools: Sequence[ToolDefinition],
+        tool_choice: ToolChoice = "auto",
+        fmt: CallFormat = PHI4_FORMAT,
+        *,
+        parallel: bool = True,
+        answer: dict[str, Any] | None = None,
     ) -> ToolConstraint:
-        """The constraint for one request; cached on (tools, tool_choice, format), so calling it per step is cheap.
+        """The constraint for one request; cached on its arguments, so calling it per step is cheap.
+
+        Args:
+            tools: the tools the model may call.
+            tool_choice: `auto`, `required`, `none` or a tool name.
+            fmt: how the model marks a call block.
+            parallel: a block may hold several calls (False: exactly one, OpenAI's `parallel_tool_calls=False`).
+            answer: a JSON schema the answer must match instead of free text (OpenAI's `response_format`;
+                `{"type": "object"}` for `json_object`). With tools and `auto`, the output is that JSON or a
+                call block.
 
         Raises:
             UserError: `tool_choice` names a tool that is not in `tools`, or is `required` with no tools.
         """
-        key = (json.dumps([[t.name, t.parameters] for t in tools], sort_keys=True, default=str), tool_choice, fmt)
+        key = (
+            json.dumps([[t.name, t.parameters] for t in tools], sort_keys=True, default=str),
+            tool_choice,
+            fmt,
+            parallel,
+            json.dumps(answer, sort_keys=True, default=str),
+        )
         found = self._constraints.get(key)
         if found is not None:
             self._constraints.move_to_end(key)
             return found
-        built = self._build(tools, tool_choice, fmt)
+        built = self._build(tools, tool_choice, fmt, parallel, answer)
         self._constraints[key] = built
         while len(self._constraints) > 64:
             self._constraints.popitem(last=False)
         return built
 
-    def _build(self, tools: Sequence[ToolDefinition], tool_choice: ToolChoice, fmt: CallFormat) -> ToolConstraint:
+    def _build(
+        self,
+        tools: Sequence[ToolDefinition],
+        tool_choice: ToolChoice,
+        fmt: CallFormat,
+        parallel: bool,
+        answer: dict[str, Any] | None,
+    ) -> ToolConstraint:
         unique: dict[str, ToolDefinition] = {}
         for tool in tools:
             unique.setdefault(tool.name, tool)
@@ -319,7 +367,7 @@ class GrammarEngine:
             mode = "none"
         if self._llg is None or self.tables is None:
             reason = self.disabled_reason or "no grammar engine"
-            _warn(f"tool calls are not constrained: {reason}")
+            _warn(f"{'tool calls are' if answer is None else 'the JSON answer is'} not constrained: {reason}")
             return ToolConstraint(self, None, None, fmt, tool_choice, {}, (reason,))
 
         support: dict[str, SchemaSupport] = {}
@@ -336,12 +384,26 @@ class GrammarEngine:
                         f"tool {tool.name!r}: arguments constrained {what} ({'; '.join(level.problems)}); "
                         "they are validated after decoding"
                     )
+        answer_schema: dict[str, Any] | None = None
+        if answer is not None:
+            answer_schema, level = self.schema_support(answer, arguments=False)
+            support[ANSWER] = level
+            if not level.exact:
+                what = "loosely" if level.level == "approximate" else "only as JSON"
+                notes.append(f"the JSON answer is constrained {what} ({'; '.join(level.problems)})")
         open_marker, close_marker, marker_note = self._markers(fmt)
         if marker_note:
             notes.append(marker_note)
         calls = call_rules(embedded) if embedded else ""
-        grammar = lark_grammar(calls, mode=mode, open_marker=open_marker, close_marker=close_marker)
+        options: dict[str, Any] = {"open_marker": open_marker, "close_marker": close_marker}
+        grammar = lark_grammar(calls, mode=mode, single=not parallel, answer=answer_schema, **options)
         template = self._matcher_for(grammar)
+        text_only = None
+        if mode == "auto" and answer is None and open_marker.token_id is None and not isinstance(template, str):
+            # A textual open tag cannot be banned as one token: when a call no longer fits the budget, the
+            # matcher switches to this text-only grammar instead (see `ToolCallMatcher._update_budget`).
+            fallback = self._matcher_for(lark_grammar("", mode="none", **options))
+            text_only = None if isinstance(fallback, str) else fallback
         if isinstance(template, str):
             notes.append(f"tool calls are not constrained: the grammar does not compile ({template})")
             for note in notes:
@@ -352,8 +414,21 @@ class GrammarEngine:
         close_ids = (close_marker.token_id,) if close_marker.token_id is not None else ()
         open_id = open_marker.token_id
         prefixes = tuple(self._call_prefix(open_marker, name) for name, _ in embedded)
+        if answer is not None:
+            prefixes += ((),)  # a fresh answer: the planner's bound covers it too
         return ToolConstraint(
-            self, grammar, template, fmt, tool_choice, support, tuple(notes), open_id, close_ids, prefixes
+            self,
+            grammar,
+            template,
+            fmt,
+            tool_choice,
+            support,
+            tuple(notes),
+            open_id,
+            close_ids,
+            prefixes,
+            answer=answer is not None,
+            _text_only=text_only,
         )
 
     def _call_prefix(self, open_marker: Marker, name: str) -> tuple[int, ...]:
@@ -412,8 +487,9 @@ class ToolConstraint:
 
     Attributes:
         grammar: the llguidance (Lark) grammar, or None when decoding is unconstrained.
-        support: how well each tool's arguments are enforced.
+        support: how well each tool's arguments are enforced (and the JSON answer's, under `ANSWER`).
         notes: the warnings raised while building (empty when everything is enforced).
+        answer: the output is a JSON answer (or a call block), not free text.
     """
 
     engine: GrammarEngine
@@ -426,6 +502,8 @@ class ToolConstraint:
     open_token_id: int | None = None
     close_token_ids: tuple[int, ...] = ()
     call_prefixes: tuple[tuple[int, ...], ...] = ()
+    answer: bool = False
+    _text_only: Any = None
     _cache: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -470,6 +548,7 @@ class ToolConstraint:
                 self.close_token_ids,
                 open_token_id=self.open_token_id,
                 opener=self.fmt.open.encode(),
+                answer=self.answer,
             )
             self._cache["growth"] = found
         return found
@@ -500,7 +579,8 @@ class ToolCallMatcher:
         self.generated = 0
         self.error: str | None = None
         self._finished = False
-        self._state = OutputState()
+        self._state = OutputState(answer=constraint.answer)
+        self._tokens: list[int] = []  # generated so far (for a switch to the text-only grammar)
         self._bits: Bits | None = None
         self._buffers = MaskBuffers.for_words(words_for(self._tables.vocab_size if self._tables else 0))
         self._device_cache: dict[str, Any] = {}
@@ -613,13 +693,29 @@ class ToolCallMatcher:
         if self._slack > 0:
             return
         opener = self.constraint.open_token_id
-        if not self._state.in_call and opener is not None and plan[0] != opener:
+        free_text = not self._state.in_call and not self.constraint.answer
+        if free_text and opener is not None and plan[0] != opener:
             # Free text can run to the budget and still be valid: rather than ending it early, forbid
             # starting a call that would not fit, and stop planning.
             self._ban_open = True
             self._max_tokens = None
+        elif free_text and opener is None and self._switch_to_text_only():
+            self._max_tokens = None  # a textual tag: the same, by continuing under the text-only grammar
         else:
             self._plan = plan
+
+    def _switch_to_text_only(self) -> bool:
+        """Continue under the constraint's text-only grammar (no call can start); False when it cannot take
+        the text so far (it ends with part of the open tag, say)."""
+        template = self.constraint._text_only
+        if template is None:
+            return False
+        inner = template.deep_copy()
+        if not inner.consume_tokens(self._tokens) or inner.is_error():
+            return False
+        self._inner = inner
+        self._bits = None
+        return True
 
     def allowed(self) -> Bools | None:
         """The allowed tokens as a bool array over the vocabulary, or None when unconstrained."""
@@ -733,6 +829,7 @@ class ToolCallMatcher:
         self.generated += 1
         self._bits = None
         token_id = int(token_id)
+        self._tokens.append(token_id)
         if self._plan is not None:
             if self._plan and self._plan[0] == token_id:
                 self._plan.pop(0)

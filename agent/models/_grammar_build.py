@@ -76,18 +76,21 @@ def walk_schemas(schema: Any) -> Iterator[dict[str, Any]]:
                 yield from walk_schemas(item)
 
 
-def prepare_schema(parameters: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def prepare_schema(parameters: dict[str, Any], *, arguments: bool = True) -> tuple[dict[str, Any], list[str]]:
     """A copy of a tool's parameter schema ready for the engine, and the problems that make it uncallable.
 
     Tightening (generation stays a subset of what the schema accepts): objects that list `properties` but
     say nothing of extra keys get `additionalProperties: false` (skipped when the schema uses `allOf`, where
-    that would reject keys the other branches declare). A schema without `type` gets `type: object`, since a
-    call's arguments must be an object.
+    that would reject keys the other branches declare). With `arguments` (a call's arguments, which must be
+    an object), a schema without `type` gets `type: object` and any other root type is a problem; without
+    it (a `response_format` schema) any root is kept.
     """
     schema = copy.deepcopy(parameters)
     problems: list[str] = []
     declared = schema.get("type")
-    if declared is None and not any(k in schema for k in ("$ref", "anyOf", "oneOf", "allOf", "enum", "const")):
+    if not arguments:
+        pass
+    elif declared is None and not any(k in schema for k in ("$ref", "anyOf", "oneOf", "allOf", "enum", "const")):
         schema["type"] = "object"
     elif declared is not None and declared != "object" and not (isinstance(declared, list) and "object" in declared):
         problems.append(f"arguments must be a JSON object, but the schema's type is {declared!r}")
@@ -175,17 +178,41 @@ def _regex_escape(text: str) -> str:
     return "".join("\\" + c if c in r"\.^$|?*+()[]{}/-" else c for c in text)
 
 
-def lark_grammar(calls: str, *, mode: str, open_marker: Marker, close_marker: Marker) -> str:
-    """The whole grammar for `mode` in {"auto", "required", "none"} (a named tool is "required" over one tool)."""
+def lark_grammar(
+    calls: str,
+    *,
+    mode: str,
+    open_marker: Marker,
+    close_marker: Marker,
+    single: bool = False,
+    answer: dict[str, Any] | None = None,
+) -> str:
+    """The whole grammar for `mode` in {"auto", "required", "none"} (a named tool is "required" over one tool).
+
+    Args:
+        calls: the `call` rules (`call_rules`).
+        mode: see above.
+        open_marker: what opens a call block.
+        close_marker: what closes it.
+        single: a block holds exactly one call (`parallel_tool_calls=False`).
+        answer: a prepared JSON schema the answer must match instead of free text (`response_format`):
+            `auto` is then the JSON answer or a call block, `none` the JSON answer alone.
+    """
     lines = ["%llguidance {}"]
-    calls_rule = f'calls: "[" call ({lark_literal(", ")} call)* "]"'
+    calls_rule = 'calls: "[" call "]"' if single else f'calls: "[" call ({lark_literal(", ")} call)* "]"'
     textual_open = open_marker.token_id is None
+    if mode == "required":
+        lines += [f"start: {open_marker.lark()} calls {close_marker.lark()}", calls_rule, calls]
+        return "\n".join(lines) + "\n"
+    if answer is not None:
+        answer_rule = f"answer: %json {json.dumps(answer, ensure_ascii=False)}"
+        if mode == "none":
+            return "\n".join([*lines, "start: answer", answer_rule]) + "\n"
+        lines += [f"start: answer | {open_marker.lark()} calls {close_marker.lark()}", answer_rule, calls_rule, calls]
+        return "\n".join(lines) + "\n"
     text = text_terminal("TEXT", open_text=open_marker.text if textual_open else None, allow_empty=False)
     if mode == "none":
         lines += ["start: TEXT", text]
-        return "\n".join(lines) + "\n"
-    if mode == "required":
-        lines += [f"start: {open_marker.lark()} calls {close_marker.lark()}", calls_rule, calls]
         return "\n".join(lines) + "\n"
     if textual_open:
         # Text then a textual tag: a lazy lexeme ending at the first open tag, so the text cannot swallow it.

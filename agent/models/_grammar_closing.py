@@ -37,6 +37,8 @@ class OutputState:
         escape: the previous byte in that string was a backslash.
         after_lt: the last token ended with `<` (so the next may not start with `|`).
         tail: the last bytes before the call starts (to spot a textual open tag).
+        answer: the output is a JSON answer or a call block (`response_format`): JSON is tracked from the
+            first token that does not start the block, as if it were a call.
     """
 
     in_call: bool = False
@@ -44,15 +46,20 @@ class OutputState:
     escape: bool = False
     after_lt: bool = False
     tail: bytes = b""
+    answer: bool = False
 
     def copy(self) -> OutputState:
-        return OutputState(self.in_call, self.in_string, self.escape, self.after_lt, self.tail)
+        return OutputState(self.in_call, self.in_string, self.escape, self.after_lt, self.tail, self.answer)
 
     def feed(self, token_id: int, data: bytes, *, open_token_id: int | None, opener: bytes) -> bool:
         """Update after `token_id` (whose bytes are `data`); True when it may have opened something new."""
         self.after_lt = data[-1:] == b"<"
         if self.in_call:
             return self._scan_json(data)
+        if self.answer and data and token_id != open_token_id and not opener.startswith(data[:1]):
+            self.in_call = True  # the JSON answer starts
+            self._scan_json(data)
+            return True
         if open_token_id is not None:
             self.in_call = token_id == open_token_id
         else:
@@ -196,13 +203,14 @@ def growth_bound(
     *,
     open_token_id: int | None,
     opener: bytes,
+    answer: bool = False,
 ) -> int:
     """`G`: the longest `prefix + plan` over the given call prefixes (one per tool), from a fresh state."""
     buffers = MaskBuffers.for_words(len(tables.no_lt_pipe))
     bound = 2
     for prefix in prefixes:
         sim = template.deep_copy()
-        state = OutputState()
+        state = OutputState(answer=answer)
         if not sim.consume_tokens(list(prefix)):
             continue
         for token in prefix:

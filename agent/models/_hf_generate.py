@@ -13,13 +13,15 @@ built in and recomputes the whole sequence once when a prompt, or a decode step,
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from agent.models import ModelSettings
+from agent.messages import ToolCallPart
+from agent.models import ModelSettings, ToolCallDelta
 from agent.models import phi4_format as pf
 from agent.models._hf_media import process_media
 from agent.models._hf_prompt import Format, MediaSpan, Prompt
@@ -60,6 +62,11 @@ class Completion:
     decode_seconds: float = 0.0
     forward_passes: int = 0  # decode steps that ran the model (forced tokens share one)
     constraint_error: str | None = None  # why the grammar stopped constraining this generation, if it did
+    logprobs: tuple[Logprob, ...] | None = None  # per token of the text, when asked for
+
+
+Logprob = tuple[int, float, tuple[tuple[int, float], ...]]
+"""(token id, its log probability, (id, log probability) of the most likely tokens at its position)."""
 
 
 def common_prefix(state: CacheState, prompt: Prompt) -> int:
@@ -279,6 +286,7 @@ class Engine:
         # in one forward pass; not with logits processors, which expect to see every step.
         fast_forward = matcher is not None and not self.logits_processors
         self._rejected = False
+        record: list[Logprob] | None = [] if settings.logprobs is not None else None
         generator = None
         if settings.temperature > 0 and settings.seed is not None:
             generator = torch.Generator(device=logits.device).manual_seed(settings.seed)
@@ -290,13 +298,15 @@ class Engine:
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
                 break
-            step = [self._sample(logits, ids, banned, settings, generator, matcher)]
+            step = [self._sample(logits, ids, banned, settings, generator, matcher, record)]
             if matcher is not None:
                 matcher.advance(step[0])
                 if fast_forward and matcher.in_call and step[0] not in fmt.stop_ids:
                     for token in matcher.forced_tokens()[: max_new_tokens - len(generated) - 1]:
                         matcher.advance(token)
                         step.append(token)
+                        if record is not None:  # the only token allowed: probability 1
+                            record.append((token, 0.0, ((token, 0.0),) if settings.logprobs else ()))
             for token in step:
                 generated.append(token)
                 if token in fmt.stop_ids:
@@ -344,6 +354,7 @@ class Engine:
             decode_seconds=ended - decode_started,
             forward_passes=forwards,
             constraint_error=matcher.error if matcher is not None else None,
+            logprobs=tuple(record[: len(body)]) if record is not None else None,
         )
 
     def _sample(
@@ -354,6 +365,7 @@ class Engine:
         settings: ModelSettings,
         generator: torch.Generator | None,
         matcher: ToolCallMatcher | None = None,
+        record: list[Logprob] | None = None,
     ) -> int:
         import torch
 
@@ -364,6 +376,8 @@ class Engine:
             input_ids = torch.tensor([ids], dtype=torch.long, device=scores.device)
             for processor in self.logits_processors:
                 scores = processor(input_ids, scores)
+        if record is not None:
+            return _pick_recorded(scores[0], settings, generator, matcher, record)
         if matcher is None or not matcher.active:
             return _pick(scores[0], settings, generator)
         if settings.top_p >= 1.0 and not matcher.closing and not self._rejected:
@@ -390,6 +404,35 @@ class Engine:
         return _pick(scores[0], settings, generator)
 
 
+def _pick_recorded(
+    scores: torch.Tensor,
+    settings: ModelSettings,
+    generator: torch.Generator | None,
+    matcher: ToolCallMatcher | None,
+    record: list[Logprob],
+) -> int:
+    """Pick from the grammar-masked scores (always masked: the fast path would not see the distribution) and
+    record the token's log probability under that distribution, before temperature and top-p, with the
+    `settings.logprobs` most likely alternatives."""
+    import torch
+
+    if matcher is not None and matcher.active:
+        masked = matcher.mask_logits(scores.clone())
+        if bool(torch.isinf(masked).all()):  # a logits processor forced a token the grammar forbids
+            masked = scores
+    else:
+        masked = scores
+    token = _pick(masked, settings, generator)
+    logp = torch.log_softmax(masked, dim=-1)
+    top: tuple[tuple[int, float], ...] = ()
+    k = min(settings.logprobs or 0, int(torch.isfinite(logp).sum()))
+    if k:
+        values, indices = torch.topk(logp, k)
+        top = tuple(zip(indices.tolist(), values.tolist(), strict=True))
+    record.append((token, float(logp[token]), top))
+    return token
+
+
 def _pick(scores: torch.Tensor, settings: ModelSettings, generator: torch.Generator | None) -> int:
     """Greedy at temperature 0, else a sample with temperature and top-p, from one row of scores."""
     import torch
@@ -407,27 +450,76 @@ def _pick(scores: torch.Tensor, settings: ModelSettings, generator: torch.Genera
 
 
 class Streamer:
-    """Turns the growing completion text into deltas, holding back what may be a tool call or a stop."""
+    """Turns the growing completion text into deltas, holding back what may be a tool call or a stop.
 
-    def __init__(self, open_tag: str, stops: Sequence[str], emit: Callable[[str], None]) -> None:
+    With `emit_call`, the calls of a call block are streamed too (`ToolCallDelta`: the name once it is
+    complete, then pieces of the arguments' JSON text), but only while `calls_live` is set (decoding is
+    grammar-constrained, so the block is in the layout `scan_call_block` reads and will parse); otherwise,
+    and for whatever was not streamed, `finish` sends each call whole from the parsed result.
+    """
+
+    def __init__(
+        self,
+        open_tag: str,
+        stops: Sequence[str],
+        emit: Callable[[str], None],
+        emit_call: Callable[[ToolCallDelta], None] | None = None,
+        *,
+        json_answer: bool = False,
+    ) -> None:
         self.open_tag, self.stops, self.emit = open_tag, tuple(s for s in stops if s), emit
+        self.emit_call = emit_call
+        self.json_answer = json_answer
+        self.calls_live = False
+        self.closed_calls = False
         self.sent = ""
         self.closed = False
+        self._calls: list[tuple[str, str]] = []  # (name, arguments text) streamed per call
+        self._calls_off = False  # the block left the expected layout: the rest comes from the parsed calls
 
     def update(self, text: str) -> None:
-        if self.closed:
-            return
-        safe = pf.stream_safe_length(text, open_tag=self.open_tag, stops=self.stops)
-        start = len(text) - len(text.lstrip())
-        piece = text[start:safe]
-        if len(piece) > len(self.sent) and piece.startswith(self.sent):
-            self.emit(piece[len(self.sent) :])
-            self.sent = piece
-        if self.open_tag in text or any(s in text for s in self.stops):
-            self.closed = True
+        if not self.closed:
+            safe = pf.stream_safe_length(text, open_tag=self.open_tag, stops=self.stops, json_answer=self.json_answer)
+            start = len(text) - len(text.lstrip())
+            piece = text[start:safe]
+            if len(piece) > len(self.sent) and piece.startswith(self.sent):
+                self.emit(piece[len(self.sent) :])
+                self.sent = piece
+            if self.open_tag in text or any(s in text for s in self.stops):
+                self.closed = True
+        if self.emit_call is not None and self.calls_live and not self._calls_off:
+            at = text.find(self.open_tag)
+            if at >= 0:
+                self._stream_calls(text[at + len(self.open_tag) :])
 
-    def finish(self, final_text: str) -> None:
-        """Send what the final parsed text adds to the streamed prefix."""
+    def _stream_calls(self, body: str) -> None:
+        assert self.emit_call is not None
+        found = pf.scan_call_block(body)
+        if found is None:
+            self._calls_off = True
+            return
+        for index, call in enumerate(found):
+            if index == len(self._calls):
+                self._calls.append((call.name, ""))
+                self.emit_call(ToolCallDelta(index, call.name, ""))
+            name, sent = self._calls[index]
+            text = call.arguments if self.closed_calls else call.arguments.rstrip("\ufffd")  # may still change
+            if len(text) > len(sent) and text.startswith(sent):
+                self.emit_call(ToolCallDelta(index, None, text[len(sent) :]))
+                self._calls[index] = (name, text)
+
+    def finish(self, final_text: str, raw: str = "", calls: Sequence[ToolCallPart] = ()) -> None:
+        """Send what the final parsed text adds to the streamed prefix, and the calls not yet streamed whole."""
         if final_text.startswith(self.sent) and len(final_text) > len(self.sent):
             self.emit(final_text[len(self.sent) :])
         self.sent = final_text
+        if self.emit_call is None:
+            return
+        self.closed = self.closed_calls = True  # the text is final: a trailing U+FFFD stays
+        self.update(raw)  # the last tokens, which the decode loop did not show the streamer
+        for index, call in enumerate(calls):
+            if index >= len(self._calls):
+                arguments = json.dumps(call.arguments, ensure_ascii=False)
+                self.emit_call(ToolCallDelta(index, call.name, ""))
+                self.emit_call(ToolCallDelta(index, None, arguments))
+                self._calls.append((call.name, arguments))

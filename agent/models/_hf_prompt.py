@@ -79,7 +79,8 @@ class Format:
     def build(self, messages: Sequence[Message], tools: Sequence[ToolDefinition], settings: ModelSettings) -> Prompt:
         raise NotImplementedError
 
-    def parse(self, raw: str) -> ParsedCompletion:
+    def parse(self, raw: str, *, json_answer: bool = False) -> ParsedCompletion:
+        """Read a completion (`json_answer`: the answer is JSON by request, only tagged blocks are calls)."""
         raise NotImplementedError
 
     def _ids_of(self, tokens: Sequence[str]) -> list[int]:
@@ -188,8 +189,8 @@ class Phi4Format(Format):
                 "control token (please report)"
             )
 
-    def parse(self, raw: str) -> ParsedCompletion:
-        return pf.parse_completion(raw)
+    def parse(self, raw: str, *, json_answer: bool = False) -> ParsedCompletion:
+        return pf.parse_completion(raw, json_answer=json_answer)
 
 
 def _forced_prefix(settings: ModelSettings, tools: Sequence[ToolDefinition], tag: str = pf.TOOL_CALL) -> str:
@@ -227,7 +228,8 @@ class ChatFormat(Format):
         decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
         contents = sorted({str(getattr(t, "content", t)) for t in decoder.values()}, key=len, reverse=True)
         contents = [c for c in contents if len(c) > 1]
-        self._added = re.compile("|".join(re.escape(c) for c in contents)) if contents else None
+        contents += [TOOL_OPEN, TOOL_CLOSE]  # the call tags are plain text for this model: break them too
+        self._added = re.compile("|".join(re.escape(c) for c in contents))
         self._tool_role = "tool" if self._accepts_role("tool") else "user"
         ids = set(eos_ids)
         if tokenizer.eos_token_id is not None:
@@ -248,10 +250,9 @@ class ChatFormat(Format):
         return probe in str(text)
 
     def escape(self, text: str) -> str:
-        """Break every added-token string in untrusted text (a zero-width space after its first character)."""
-        if self._added is None:
-            return text
-        return self._added.sub(lambda m: m.group(0)[0] + _ZWSP + m.group(0)[1:], text)
+        """Break every added-token string and call tag in untrusted text (a zero-width space after its first
+        character), and `functools[`."""
+        return pf.break_functools(self._added.sub(lambda m: m.group(0)[0] + _ZWSP + m.group(0)[1:], text))
 
     def _content(self, parts: Sequence[Any]) -> str:
         out: list[str] = []
@@ -316,5 +317,7 @@ class ChatFormat(Format):
         ids = self.encode(self.render(messages, tools)) + prefix_ids
         return Prompt(ids=ids, prefix=prefix, prefix_length=len(prefix_ids))
 
-    def parse(self, raw: str) -> ParsedCompletion:
-        return pf.parse_completion(raw, open_tag=TOOL_OPEN, close_tag=TOOL_CLOSE, trailers=self.trailers)
+    def parse(self, raw: str, *, json_answer: bool = False) -> ParsedCompletion:
+        return pf.parse_completion(
+            raw, open_tag=TOOL_OPEN, close_tag=TOOL_CLOSE, trailers=self.trailers, json_answer=json_answer
+        )

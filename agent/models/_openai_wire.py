@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from agent.exceptions import UserError
 from agent.messages import (
     AudioPart,
@@ -25,6 +27,7 @@ from agent.messages import (
     ToolCallPart,
     ToolDefinition,
     ToolResultPart,
+    replace_surrogates,
     to_openai,
 )
 from agent.models import ModelResponse, ModelSettings, Usage
@@ -105,6 +108,22 @@ def build_body(
     if tools:
         body["tools"] = [t.to_openai() for t in tools]
         body["tool_choice"] = tool_choice_to_openai(settings.tool_choice, tools)
+        if not settings.parallel_tool_calls:
+            body["parallel_tool_calls"] = False
+    answer = settings.response_format
+    if answer is not None:
+        body["response_format"] = (
+            {"type": "json_object"}
+            if answer.schema is None
+            else {
+                "type": "json_schema",
+                "json_schema": {"name": answer.name, "schema": answer.schema, "strict": answer.strict},
+            }
+        )
+    if settings.logprobs is not None:
+        body["logprobs"] = True
+        if settings.logprobs:
+            body["top_logprobs"] = settings.logprobs
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
@@ -141,7 +160,10 @@ def _tool_call(index: int, call_id: Any, name: Any, arguments: Any) -> tuple[Too
     if args is None:
         return None, f"{label}: {error}"
     cid = call_id if isinstance(call_id, str) and call_id else f"call_{uuid.uuid4().hex[:24]}"
-    return ToolCallPart(id=cid, name=name, arguments=args), None
+    try:
+        return ToolCallPart(id=cid, name=name, arguments=args), None
+    except ValidationError as exc:  # a lone surrogate (a "\ud800" escape) in a name, id or argument
+        return None, f"{label}: not valid Unicode ({exc.errors()[0]['msg'].removeprefix('Value error, ')})"
 
 
 def _content_text(content: Any) -> str:
@@ -182,6 +204,7 @@ def assemble(
     finish_reason: str | None,
 ) -> ModelResponse:
     """An assistant `ModelResponse` from text and `(id, name, arguments)` triples; bad calls become errors."""
+    text = replace_surrogates(text)  # the server's text is the model's output, not the caller's input
     parts: list[Part] = [TextPart(text=text)] if text else []
     errors: list[str] = []
     for index, (call_id, name, arguments) in enumerate(raw_calls):

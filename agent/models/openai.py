@@ -32,7 +32,7 @@ import httpx
 
 from agent.exceptions import ModelHTTPError, UserError
 from agent.messages import Message, ToolDefinition
-from agent.models import Model, ModelResponse, ModelSettings, TextDelta
+from agent.models import Model, ModelResponse, ModelSettings, TextDelta, ToolCallDelta
 from agent.models._openai_wire import (
     LORA_KEYS,
     SSEDecoder,
@@ -160,7 +160,7 @@ class OpenAIModel(Model):
 
     async def request_stream(
         self, messages: Sequence[Message], tools: Sequence[ToolDefinition], settings: ModelSettings
-    ) -> AsyncIterator[TextDelta | ModelResponse]:
+    ) -> AsyncIterator[TextDelta | ToolCallDelta | ModelResponse]:
         if not self.stream:
             async for item in super().request_stream(messages, tools, settings):
                 yield item

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import threading
 import weakref
@@ -42,8 +43,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.exceptions import ContextOverflowError, MMAgentError, ModelError
-from agent.messages import Message, ToolDefinition
-from agent.models import Model, ModelResponse, ModelSettings, TextDelta, Usage
+from agent.messages import Message, Part, RetryPart, TextPart, ToolCallPart, ToolDefinition, ToolResultPart
+from agent.models import Model, ModelResponse, ModelSettings, TextDelta, TokenLogprob, ToolCallDelta, Usage
 from agent.models import phi4_format as pf
 from agent.models._hf_generate import Completion, Engine, LogitsProcessor, Streamer
 from agent.models._hf_load import PHI4_ID, PHI4_REVISION, load, smollm2_path
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
 __all__ = ["PHI4_ID", "PHI4_REVISION", "GenerationStats", "LogitsProcessor", "TransformersModel", "smollm2_path"]
 
 _PHI4_MARKERS = (pf.SYSTEM, pf.USER, pf.ASSISTANT, pf.END, pf.TOOL_CALL, pf.TOOL_CALL_END)
+_CHARS_PER_TOKEN_CEILING = 8  # more characters of text than this per context token cannot fit
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +134,8 @@ class TransformersModel(Model):
         else:
             self._format = ChatFormat(self.tokenizer, _eos_ids(model))
         self.context_length = int(getattr(config, "max_position_embeddings", 0) or 0) or None
+        media = self.is_phi4 and self.processor is not None
+        self.input_modalities = frozenset({"text", "image", "audio"} if media else {"text"})
         self._name = name or str(getattr(config, "_name_or_path", "") or getattr(config, "model_type", "transformers"))
         self._engine = Engine(
             model,
@@ -275,7 +279,7 @@ class TransformersModel(Model):
 
     async def request_stream(
         self, messages: Sequence[Message], tools: Sequence[ToolDefinition], settings: ModelSettings
-    ) -> AsyncIterator[TextDelta | ModelResponse]:
+    ) -> AsyncIterator[TextDelta | ToolCallDelta | ModelResponse]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancel = threading.Event()
@@ -286,7 +290,13 @@ class TransformersModel(Model):
 
         def work() -> None:
             try:
-                streamer = Streamer(self._format.open_tag, settings.stop, lambda text: put("delta", text))
+                streamer = Streamer(
+                    self._format.open_tag,
+                    settings.stop,
+                    lambda text: put("delta", text),
+                    lambda call: put("call", call),
+                    json_answer=settings.response_format is not None,
+                )
                 put("done", self._respond(list(messages), list(tools), settings, streamer, cancel))
             except BaseException as exc:
                 put("error", exc)
@@ -297,6 +307,8 @@ class TransformersModel(Model):
                 kind, value = await queue.get()
                 if kind == "delta":
                     yield TextDelta(value)
+                elif kind == "call":
+                    yield value
                 elif kind == "done":
                     yield value
                     return
@@ -317,19 +329,30 @@ class TransformersModel(Model):
         streamer: Streamer | None,
         cancel: threading.Event,
     ) -> ModelResponse:
+        limit = self.context_length
+        if limit is not None:  # refuse a prompt that cannot fit before tokenizing it (megabytes take seconds)
+            chars = sum(_text_length(p) for m in messages for p in m.parts)
+            chars += sum(len(json.dumps(t.parameters)) + len(t.description) for t in tools)
+            if chars > limit * _CHARS_PER_TOKEN_CEILING:
+                raise ContextOverflowError(
+                    f"the prompt holds {chars} characters of text; {self.name} reads at most {limit} tokens "
+                    f"(text averages 3-4 characters a token): fit the history first (Agent(context=...))"
+                )
+        # Tokenizing and counting media run here, beside another request's decoding, not under the model lock.
+        prompt = self._format.build(messages, tools, settings)
+        size = len(prompt.ids)
+        if limit is not None and size >= limit:
+            raise ContextOverflowError(
+                f"the prompt has {size} tokens; {self.name} reads at most {limit}: fit the history first "
+                "(Agent(context=...))"
+            )
         with self._lock:
             if cancel.is_set():  # the caller went away while this request waited for the lock
                 raise ModelError("request cancelled")
-            prompt = self._format.build(messages, tools, settings)
-            size = len(prompt.ids)
-            limit = self.context_length
-            if limit is not None and size >= limit:
-                raise ContextOverflowError(
-                    f"the prompt has {size} tokens; {self.name} reads at most {limit}: fit the history first "
-                    "(Agent(context=...))"
-                )
             budget = settings.max_tokens if limit is None else min(settings.max_tokens, limit - size)
             constraint = self._constraint(tools, settings)
+            if streamer is not None:  # a constrained block is in the layout the streamer reads, and parses
+                streamer.calls_live = constraint is not None and constraint.constrained
             try:
                 completion = self._engine.generate(
                     prompt, settings, budget, streamer=streamer, cancel=cancel, constraint=constraint
@@ -338,16 +361,24 @@ class TransformersModel(Model):
                 raise
             except Exception as exc:
                 raise self._seam_error(exc, size) from exc
-        return self._response(completion, streamer)
+        return self._response(completion, streamer, settings)
 
     def _constraint(self, tools: list[ToolDefinition], settings: ModelSettings) -> ToolConstraint | None:
-        """The grammar for this request's tools and tool_choice (built once per tokenizer, cached per tool set)."""
-        if not self.constrained or not tools:
+        """The grammar for this request's tools, tool_choice and response format (built once per tokenizer,
+        cached per tool set)."""
+        answer = settings.response_format
+        if not self.constrained or (not tools and answer is None):
             return None
         from agent.models._grammar import PHI4_FORMAT, TAGGED_FORMAT
 
         fmt = PHI4_FORMAT if self.is_phi4 else TAGGED_FORMAT
-        return self._grammar_engine().constraint(tools, settings.tool_choice, fmt)
+        return self._grammar_engine().constraint(
+            tools,
+            settings.tool_choice,
+            fmt,
+            parallel=settings.parallel_tool_calls,
+            answer=answer.json_schema() if answer is not None else None,
+        )
 
     def _grammar_engine(self) -> GrammarEngine:
         if self._grammar is None:
@@ -356,7 +387,7 @@ class TransformersModel(Model):
             self._grammar = engine
         return self._grammar
 
-    def _response(self, completion: Completion, streamer: Streamer | None) -> ModelResponse:
+    def _response(self, completion: Completion, streamer: Streamer | None, settings: ModelSettings) -> ModelResponse:
         self.last_stats = GenerationStats(
             prefill_seconds=completion.prefill_seconds,
             decode_seconds=completion.decode_seconds,
@@ -364,10 +395,21 @@ class TransformersModel(Model):
             forward_passes=completion.forward_passes,
             constraint_error=completion.constraint_error,
         )
-        parsed = self._format.parse(completion.text)
-        message = Message(role="assistant", parts=parsed.parts)
+        parsed = self._format.parse(completion.text, json_answer=settings.response_format is not None)
+        parts = parsed.parts
+        calls = [p for p in parts if p.kind == "tool-call"]
+        if not settings.parallel_tool_calls and len(calls) > 1:  # unconstrained decoding wrote several
+            parts = tuple(p for p in parts if p.kind != "tool-call" or p is calls[0])
+        message = Message(role="assistant", parts=parts)
         if streamer is not None:
-            streamer.finish(message.text)
+            streamer.finish(message.text, completion.text, message.tool_calls)
+        logprobs = None
+        if completion.logprobs is not None:
+            decode = self._format.decode
+            logprobs = tuple(
+                TokenLogprob(decode([token]), value, tuple((decode([t]), v) for t, v in top))
+                for token, value, top in completion.logprobs
+            )
         return ModelResponse(
             message=message,
             usage=Usage(
@@ -380,6 +422,7 @@ class TransformersModel(Model):
             raw_text=completion.text,
             parse_errors=parsed.errors,
             finish_reason=completion.finish_reason,
+            logprobs=logprobs,
         )
 
     def _seam_error(self, exc: Exception, prompt_tokens: int) -> ModelError:
@@ -414,6 +457,18 @@ def grammar_engine(tokenizer: Any, eos: Sequence[int], vocab_size: int | None) -
             engine = GrammarEngine.from_tokenizer(tokenizer, eos_token_ids=eos, vocab_size=vocab_size)
             per_tokenizer[key] = engine
         return engine
+
+
+def _text_length(part: Part) -> int:
+    if isinstance(part, TextPart):
+        return len(part.text)
+    if isinstance(part, ToolResultPart):
+        return len(part.text)
+    if isinstance(part, RetryPart):
+        return len(part.message)
+    if isinstance(part, ToolCallPart):
+        return len(json.dumps(part.arguments))
+    return 0
 
 
 def _output_size(model: Any) -> int | None:
