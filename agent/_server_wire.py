@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -14,6 +16,7 @@ from starlette.responses import JSONResponse
 from agent.events import AgentEvent, FinalEvent, ModelResponseEvent, RetryEvent, ToolCallEvent, ToolResultEvent
 from agent.exceptions import (
     ContextOverflowError,
+    ConversationBusyError,
     MMAgentError,
     ModelError,
     ModelHTTPError,
@@ -25,7 +28,12 @@ from agent.messages import Message, from_openai
 from agent.models import ModelSettings, Usage
 
 ErrorType = Literal[
-    "invalid_request_error", "authentication_error", "not_found_error", "upstream_error", "server_error"
+    "invalid_request_error",
+    "authentication_error",
+    "not_found_error",
+    "conflict_error",
+    "upstream_error",
+    "server_error",
 ]
 _RESULT_EXCERPT = 1000
 
@@ -65,6 +73,13 @@ def problem_for(exc: BaseException) -> HTTPProblem:
         return exc
     if isinstance(exc, ContextOverflowError):
         return HTTPProblem(400, str(exc), code="context_length_exceeded")
+    if isinstance(exc, ConversationBusyError):  # another run holds the stored conversation: try again later
+        wait = 1
+        if exc.expires_at is not None:
+            wait = max(1, math.ceil((exc.expires_at - dt.datetime.now(dt.UTC)).total_seconds()))
+        return HTTPProblem(
+            409, str(exc), type="conflict_error", code="conversation_busy", headers={"Retry-After": str(wait)}
+        )
     if isinstance(exc, UserError):
         return HTTPProblem(400, str(exc), code=name)
     if isinstance(exc, ModelHTTPError):
@@ -86,10 +101,25 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatRequest(BaseModel):
-    """The fields of a chat-completions request this server reads; unknown fields are ignored."""
-
+class JSONSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatField(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class ChatRequest(BaseModel):
+    """A chat-completions request. Every field OpenAI defines is either honoured, accepted because it does not
+    change the output (`user`, `metadata`, `store`, ...), or refused with a 400 naming it (see `UNSUPPORTED`)."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     messages: list[dict[str, Any]] = Field(min_length=1)
@@ -103,6 +133,10 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormatField | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     n: int | None = Field(default=None, ge=1)
     conversation_id: str | None = Field(default=None, min_length=1, max_length=200)
 
@@ -112,6 +146,33 @@ class ChatRequest(BaseModel):
         if isinstance(value, list) and len(value) > 16:
             raise ValueError("at most 16 stop sequences")
         return value
+
+    def uses_client_tools(self) -> bool:
+        """Whether the request is for a plain model endpoint: it brings tools, asks for a format, or holds tool
+        turns of the client's own agent."""
+        if self.tools or self.logprobs or (self.response_format is not None and self.response_format.type != "text"):
+            return True
+        if self.tool_choice is not None and self.tool_choice != "auto":
+            return True
+        return any(m.get("role") == "tool" or m.get("tool_calls") for m in self.messages if isinstance(m, dict))
+
+
+# Fields that do not change what is generated: accepted and not acted on.
+_INERT = frozenset(
+    {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key", "prompt_cache_retention"}
+)
+# Fields accepted only at their neutral value (so a client that always sends the default is served).
+_NEUTRAL: dict[str, Any] = {
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "logit_bias": {},
+    "modalities": ["text"],
+    "function_call": "auto",
+}
+UNSUPPORTED = "audio output, prediction, web search, penalties, logit_bias, n > 1 and the legacy `functions`"
+
+MAX_JSON_DEPTH = 64
+"""How deeply a request body may nest JSON (tool schemas included); deeper bodies get a 400."""
 
 
 def parse_request(body: bytes) -> ChatRequest:
@@ -126,8 +187,13 @@ def parse_request(body: bytes) -> ChatRequest:
             f"the request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
             code="invalid_json",
         ) from exc
+    except RecursionError as exc:
+        raise HTTPProblem(
+            400, f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels", code="invalid_json"
+        ) from exc
     if not isinstance(data, dict):
         raise HTTPProblem(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    check_json_value(data)
     try:
         request = ChatRequest.model_validate(data)
     except ValidationError as exc:
@@ -138,15 +204,77 @@ def parse_request(body: bytes) -> ChatRequest:
         raise HTTPProblem(400, f"invalid request: {problems}", param=str(first[0]) if first else None) from exc
     if request.n not in (None, 1):
         raise HTTPProblem(400, "only n=1 is supported", param="n")
+    refused = [
+        key
+        for key, value in (request.model_extra or {}).items()
+        if value is not None and key not in _INERT and not (key in _NEUTRAL and value == _NEUTRAL[key])
+    ]
+    if refused:
+        names = ", ".join(f"`{k}`" for k in sorted(refused))
+        raise HTTPProblem(
+            400,
+            f"unsupported parameter{'s' if len(refused) > 1 else ''} {names}: this server does not implement "
+            f"{UNSUPPORTED}; remove {'them' if len(refused) > 1 else 'it'} (nothing is silently ignored)",
+            param=sorted(refused)[0],
+            code="unsupported_parameter",
+        )
+    if request.response_format is not None and request.response_format.type == "json_schema":
+        spec = request.response_format.json_schema
+        if spec is None or spec.schema_ is None:
+            raise HTTPProblem(400, "response_format json_schema needs `json_schema.schema`", param="response_format")
+    if request.top_logprobs is not None and not request.logprobs:
+        raise HTTPProblem(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    return request
+
+
+def check_json_value(data: Any) -> None:
+    """Refuse JSON nested deeper than `MAX_JSON_DEPTH` and strings that are not valid Unicode (a lone surrogate
+    such as `"\\ud800"`, which no database or tokenizer can take), naming where; iterative, so a hostile body
+    cannot exhaust the stack."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise HTTPProblem(
+                        400,
+                        f"{where or 'the body'} holds a string that is not valid Unicode (a lone surrogate at "
+                        f"character {exc.start})",
+                        param=where.split(".")[0].split("[")[0] or None,
+                    ) from exc
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if depth >= MAX_JSON_DEPTH:
+            raise HTTPProblem(
+                400, f"{where or 'the body'} nests JSON deeper than {MAX_JSON_DEPTH} levels", code="invalid_json"
+            )
+        if isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, where, depth + 1))
+                stack.append((item, f"{where}.{key}" if where else str(key), depth + 1))
+        else:
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
+
+
+def check_agent_request(request: ChatRequest) -> None:
+    """Refuse what only the model mode serves (client tools, tool turns, response formats)."""
     if request.tools:
         raise HTTPProblem(
             400,
-            "this endpoint runs the agent's own tools server-side; client-side `tools` are not accepted",
+            "this endpoint runs the agent's own tools server-side; client-side `tools` are served in model mode "
+            "(`mmagent serve --mode model`, or the default `--mode auto`)",
             param="tools",
         )
     if request.tool_choice not in (None, "auto", "none"):
         raise HTTPProblem(400, "tool_choice may only be 'auto' or 'none' (tools run server-side)", param="tool_choice")
-    return request
+    if request.response_format is not None and request.response_format.type != "text":
+        raise HTTPProblem(400, "response_format is served in model mode, not by the agent", param="response_format")
+    if request.logprobs:
+        raise HTTPProblem(400, "logprobs are served in model mode, not by the agent", param="logprobs")
 
 
 def split_messages(request: ChatRequest) -> tuple[list[Message], Message]:

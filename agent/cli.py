@@ -45,7 +45,7 @@ HostOpt = Annotated[list[str] | None, typer.Option("--allow-host", help="let the
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {message}")
+    err.print(f"[red]error:[/red] {message}", soft_wrap=True, markup=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -66,8 +66,11 @@ def load_tools(specs: list[str] | None, files: Path | None, hosts: list[str] | N
                 module_spec.loader.exec_module(module)
             else:
                 module = importlib.import_module(spec)
-        except ImportError as exc:
-            raise UserError(f"cannot import tools module {spec!r}: {exc}") from exc
+        except UserError:
+            raise
+        except (Exception, SystemExit) as exc:  # a syntax error, or anything the module raises while importing
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            raise UserError(f"cannot load tools from {spec!r}: {type(exc).__name__}: {detail}".rstrip(": ")) from exc
         listed = getattr(module, "TOOLS", None)
         if listed is None:
             listed = [v for v in vars(module).values() if callable(v) and hasattr(v, "__mmagent_tool__")]
@@ -209,23 +212,69 @@ def chat(
 def serve(
     model: ModelOpt = "auto",
     server_model: ServerModelOpt = "microsoft/Phi-4-multimodal-instruct",
-    db: DbOpt = DEFAULT_DB,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            help=f"memory store (SQLite path or SQLAlchemy URL); agent mode defaults to {DEFAULT_DB}, "
+            "model mode stores only when this is given",
+        ),
+    ] = None,
     tools: ToolsOpt = None,
     files: FilesOpt = None,
     allow_host: HostOpt = None,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    port: Annotated[int, typer.Option(help="port to listen on (1-65535)")] = 8000,
     api_key: Annotated[list[str] | None, typer.Option("--api-key", help="require this bearer token")] = None,
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="auto: a plain model endpoint for requests with client tools, tool turns or response_format, "
+            "the agent for the rest; model: always the plain model; agent: always the agent"
+        ),
+    ] = "auto",
+    served_model_name: Annotated[
+        list[str] | None,
+        typer.Option("--served-model-name", help="another model id clients may use (repeatable)"),
+    ] = None,
+    drop_unreadable_media: Annotated[
+        bool,
+        typer.Option(help="drop images/audio the model cannot read (with a Warning header) instead of a 400"),
+    ] = False,
+    request_timeout: Annotated[float, typer.Option(help="seconds one request may run")] = 600.0,
 ) -> None:
-    """Serve the agent as an OpenAI-compatible /v1/chat/completions endpoint."""
-    import uvicorn
-
+    """Serve an OpenAI-compatible /v1/chat/completions endpoint: a plain model for other frameworks' agents
+    (model mode), or this agent with its server-side tools (agent mode)."""
     from agent.server import create_app
+    from agent.server import serve as run_server
 
-    agent = _guard(lambda: _build(model, server_model, db, tools, files, allow_host))
-    application = create_app(agent, api_keys=set(api_key) if api_key else None)
-    err.print(f"serving {agent.model.name} on http://{host}:{port}/v1")
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    if not 0 < port < 65536:
+        _fail(f"--port must be between 1 and 65535, got {port}")
+    if api_key is not None and not all(k.strip() for k in api_key):
+        _fail("--api-key cannot be empty: pass the token clients must send, or leave the option out")
+    if mode not in ("auto", "agent", "model"):
+        _fail(f"--mode must be auto, agent or model, got {mode!r}")
+    if not request_timeout > 0:
+        _fail(f"--request-timeout must be positive, got {request_timeout}")
+    agent = _guard(lambda: _build(model, server_model, db or DEFAULT_DB, tools, files, allow_host))
+    application = _guard(
+        lambda: create_app(
+            agent,
+            api_keys=set(api_key) if api_key else None,
+            model_name=agent.model.name,
+            aliases=served_model_name or (),
+            mode=mode,  # type: ignore[arg-type]
+            store=agent.memory if db is not None else None,
+            drop_unreadable_media=drop_unreadable_media,
+            request_timeout=request_timeout,
+        )
+    )
+    names = ", ".join([agent.model.name, *(served_model_name or ())])
+    err.print(f"serving {names} on http://{host}:{port}/v1 ({mode} mode)")
+    try:
+        run_server(application, host=host, port=port)
+    except OSError as exc:  # the address is taken, or not ours to bind
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
 
 
 def _store(db: str) -> Any:
@@ -268,9 +317,12 @@ def history_export(conversation_id: str, db: DbOpt = DEFAULT_DB, output: Path | 
     data = json.dumps(_guard(lambda: store.export_conversation(conversation_id)), ensure_ascii=False)
     if output is None:
         sys.stdout.write(data + "\n")
-    else:
-        output.write_text(data)
-        err.print(f"wrote {output}")
+        return
+    try:
+        output.write_text(data, encoding="utf-8")
+    except OSError as exc:  # a missing folder, a directory, no permission, a full disk
+        _fail(f"cannot write {str(output)!r}: {exc.strerror or exc}")
+    err.print(f"wrote {output}")
 
 
 def main() -> None:

@@ -150,3 +150,70 @@ def test_history_of_a_store_written_by_an_app(tmp_path: Path) -> None:
     out = mmagent("history", "show", str(result.conversation_id), "--db", str(db))
     assert out.returncode == 0
     assert "status report please" in out.stdout and "all quiet" in out.stdout
+
+
+# ---------------------------------------------------------------- careless input: one line, exit 1
+
+
+def _one_line_error(done: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert any(fragment in line for line in lines), done.stderr
+    assert lines[-1].startswith("error:"), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("source", "fragment"),
+    [
+        ("def broken(:\n    pass\n", "SyntaxError"),
+        ("import module_that_does_not_exist_anywhere\n", "ModuleNotFoundError"),
+        ("raise RuntimeError('tools exploded at import')\n", "tools exploded at import"),
+        ("import sys\nsys.exit(3)\n", "SystemExit"),
+    ],
+)
+def test_tools_files_that_fail_to_load_are_one_line(tmp_path: Path, source: str, fragment: str) -> None:
+    (tmp_path / "bad_tools.py").write_text(source)
+    done = mmagent("run", "hi", "--model", "http://127.0.0.1:9/v1", "--tools", str(tmp_path / "bad_tools.py"))
+    _one_line_error(done, fragment)
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [EXE.encode(), b"run", b"caf\xe9 \xff", b"--model", b"http://127.0.0.1:9/v1"], capture_output=True, timeout=60
+    )
+    result = subprocess.CompletedProcess(
+        done.args, done.returncode, done.stdout.decode(), done.stderr.decode("utf-8", "replace")
+    )
+    _one_line_error(result, "lone surrogate")
+
+
+def test_history_export_to_a_missing_folder_or_a_directory_is_one_line(tmp_path: Path) -> None:
+    db = tmp_path / "h.db"
+    with Store(db) as store:
+        cid = store.create_conversation([Agent(FunctionModel(lambda m, i: "x")).run_sync("hi").messages[0]])
+    _one_line_error(
+        mmagent("history", "export", cid, "--db", str(db), "--output", str(tmp_path / "no" / "x.json")), "cannot write"
+    )
+    _one_line_error(mmagent("history", "export", cid, "--db", str(db), "--output", str(tmp_path)), "cannot write")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--port", "99999"], "--port must be between 1 and 65535"),
+        (["--api-key", ""], "--api-key cannot be empty"),
+        (["--mode", "both"], "--mode must be auto, agent or model"),
+    ],
+)
+def test_serve_refuses_bad_options_in_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
+    _one_line_error(mmagent("serve", "--model", "http://127.0.0.1:9/v1", *args, cwd=tmp_path), fragment)
+
+
+def test_serve_on_a_taken_port_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = mmagent("serve", "--model", "http://127.0.0.1:9/v1", "--port", str(port), cwd=tmp_path, timeout=60)
+    _one_line_error(done, f"127.0.0.1:{port}")
