@@ -17,7 +17,7 @@ from typing import Any
 
 import jsonschema_rs
 
-from agent._server_wire import ChatRequest, HTTPProblem, chunk_body, usage_body
+from agent._server_wire import ChatRequest, HTTPProblem, chunk_body, envelope, usage_body
 from agent.exceptions import UserError
 from agent.messages import Message, Part, ToolCallPart, ToolDefinition, from_openai
 from agent.models import Model, ModelResponse, ModelSettings, ResponseFormat, TokenLogprob, ToolCallDelta, ToolChoice
@@ -314,22 +314,16 @@ def completion_body(
     message: dict[str, Any] = {"role": "assistant", "content": content_of(response), "refusal": None}
     if response.message.tool_calls:
         message["tool_calls"] = tool_calls_body(response.message.tool_calls)
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "finish_reason": finish_reason(response),
-                "logprobs": logprobs_body(response.logprobs),
-            }
-        ],
-        "usage": usage_body(response.usage),
-        "mmagent": extension,
-    }
+    return envelope(
+        completion_id,
+        model,
+        created,
+        message,
+        finish_reason(response),
+        response.usage,
+        logprobs=logprobs_body(response.logprobs),
+        extra={"mmagent": extension},
+    )
 
 
 @dataclass(slots=True)

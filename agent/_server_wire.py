@@ -373,29 +373,39 @@ class RunSummary:
         }
 
 
-def completion_body(completion_id: str, model: str, created: int, summary: RunSummary) -> dict[str, Any]:
-    """A `chat.completion` with the run's final text, plus `conversation_id` and the `mmagent` extension."""
-    assert summary.final is not None
-    result = summary.final.result
+def envelope(
+    completion_id: str,
+    model: str,
+    created: int,
+    message: dict[str, Any],
+    finish_reason: str,
+    usage: Usage,
+    *,
+    logprobs: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A `chat.completion` body with one choice (both modes answer with it)."""
+    choice = {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": logprobs}
     body: dict[str, Any] = {
         "id": completion_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.output},
-                "finish_reason": summary.finish_reason,
-                "logprobs": None,
-            }
-        ],
-        "usage": usage_body(result.usage),
-        "mmagent": summary.extension(),
+        "choices": [choice],
+        "usage": usage_body(usage),
     }
+    return body | (extra or {})
+
+
+def completion_body(completion_id: str, model: str, created: int, summary: RunSummary) -> dict[str, Any]:
+    """A `chat.completion` with the run's final text, plus `conversation_id` and the `mmagent` extension."""
+    assert summary.final is not None
+    result = summary.final.result
+    extra: dict[str, Any] = {"mmagent": summary.extension()}
     if result.conversation_id is not None:
-        body["conversation_id"] = result.conversation_id
-    return body
+        extra["conversation_id"] = result.conversation_id
+    message = {"role": "assistant", "content": result.output}
+    return envelope(completion_id, model, created, message, summary.finish_reason, result.usage, extra=extra)
 
 
 def chunk_body(

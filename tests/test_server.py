@@ -9,7 +9,6 @@ import io
 import json
 import re
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,8 +18,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 from PIL import Image
+from serve_support import running
 
 from agent import Agent, Message
 from agent.exceptions import ModelHTTPError
@@ -104,26 +103,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     store = Store(Path(tmp_path_factory.mktemp("server")) / "memory.db", durable=False)
     agent, model = make_agent(store)
     app = create_app(agent, api_keys={KEY}, max_body_bytes=MAX_BODY, model_name=MODEL)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    served = Served(f"http://127.0.0.1:{port}/v1", model)
-    try:
-        yield served
-    finally:
-        for client in served.clients.values():
-            client.close()
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-        store.close()
+    with running(app) as server:
+        served = Served(server.base_url, model)
+        try:
+            yield served
+        finally:
+            for client in served.clients.values():
+                client.close()
+            store.close()
 
 
 def png_data_url(width: int, height: int) -> str:
