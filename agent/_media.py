@@ -231,7 +231,17 @@ def samples_to_wav(samples: Any, sample_rate: int) -> bytes:
     _check_length(len(array), sample_rate, 1)
     buf = io.BytesIO()
     sf.write(buf, array, sample_rate, format="WAV", subtype="FLOAT")
-    return buf.getvalue()
+    return _without_peak_time(buf.getvalue())
+
+
+def _without_peak_time(wav: bytes) -> bytes:
+    """Zero the timestamp libsndfile writes into a float WAV's PEAK chunk (seconds since 1970), so the same
+    samples always encode to the same bytes: artifacts are stored and KV caches matched by content hash, and
+    two encodings a second apart used to differ (a flaky dedup test, twice the storage)."""
+    at = wav.find(b"PEAK", 12, 256)
+    if at < 0 or at + 16 > len(wav):
+        return wav
+    return wav[: at + 12] + b"\x00\x00\x00\x00" + wav[at + 16 :]  # id, size, version, then the timestamp
 
 
 def decode_audio(data: bytes) -> tuple[npt.NDArray[np.float32], int]:

@@ -286,3 +286,16 @@ def test_the_gate_gives_a_media_error_or_a_valid_part_never_anything_else(data: 
         else:
             assert audio.samples(None).ndim == 1
     assert all(pixels <= MAX_PIXELS for pixels in seen)
+
+
+def test_the_same_samples_always_encode_to_the_same_bytes() -> None:
+    """libsndfile stamps float WAVs with the time (the PEAK chunk): two encodings a second apart differed, so
+    the store kept the same clip twice and a KV cache missed it (a flaky dedup test on PostgreSQL)."""
+    import numpy as np
+
+    from agent._media import samples_to_wav
+
+    wav = samples_to_wav(np.linspace(-0.5, 0.5, 1600, dtype=np.float32), 16_000)
+    peak = wav.find(b"PEAK")
+    assert peak > 0 and wav[peak + 12 : peak + 16] == b"\x00\x00\x00\x00"  # the timestamp is zeroed
+    assert AudioPart.from_samples(np.ones(100, dtype=np.float32), 16_000).samples().shape == (100,)
