@@ -18,6 +18,7 @@ from agent.events import (
     RunResult,
     TextDeltaEvent,
     ToolCallEvent,
+    ToolProgressEvent,
     ToolResultEvent,
     UsageEvent,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "ToolCallEvent",
     "ToolCallPart",
     "ToolDefinition",
+    "ToolProgressEvent",
     "ToolResultEvent",
     "ToolResultPart",
     "Usage",

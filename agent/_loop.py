@@ -9,7 +9,7 @@ import itertools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.events import (
     AgentEvent,
@@ -19,6 +19,7 @@ from agent.events import (
     RunResult,
     TextDeltaEvent,
     ToolCallEvent,
+    ToolProgressEvent,
     ToolResultEvent,
     UsageEvent,
 )
@@ -34,6 +35,9 @@ from agent.models import Model, ModelResponse, ModelSettings, TextDelta, Usage
 from agent.protocols import ContextFitter, RunStore
 from tools._context import ToolContext
 from tools._registry import Approver, Registry, Tool
+
+if TYPE_CHECKING:
+    from tools.mcp import MCPGroup, MCPTools
 
 __all__ = ["Agent", "UsageLimits"]
 
@@ -64,6 +68,7 @@ class _RunState:
     deps: Any = None
     settings: ModelSettings = field(default_factory=ModelSettings)
     pending: list[RetryPart] = field(default_factory=list)  # format errors beside valid calls
+    registry: Registry | None = None  # the agent's tools and its MCP servers', for this run
     lease_ttl: float | None = None  # the store's lease on the conversation lasts this long after a renewal
     renewed: float = 0.0  # loop time of the last renewal (a commit or a heartbeat)
 
@@ -86,6 +91,8 @@ class Agent:
         memory: a `memory.Store` (or any `RunStore`): every step is committed as it completes. A run holds
             its conversation's lease from start to end, so runs on one conversation take turns (see `Store`).
         context: a context policy fitting the history to the model's window before each request.
+        mcp: MCP servers (`tools.mcp.MCPTools`) whose tools join the registry; connected for each run, or for
+            as long as the agent is entered (`async with agent:`).
         reset_tool_choice: after a step with tool calls, send `tool_choice="auto"` again when the settings
             ask for `required` or a named tool, so a forced first call does not force every later step
             (the run could never end).
@@ -105,6 +112,7 @@ class Agent:
         memory: RunStore | None = None,
         context: ContextFitter | None = None,
         reset_tool_choice: bool = True,
+        mcp: Iterable[MCPTools] = (),
     ) -> None:
         if not isinstance(model, Model):
             raise UserError(f"model must be an agent.models.Model, got {type(model).__name__}")
@@ -124,6 +132,31 @@ class Agent:
         self.context = context
         self.reset_tool_choice = reset_tool_choice
         self._call_ids = itertools.count()
+        servers = list(mcp)
+        self._mcp: MCPGroup | None = None
+        if servers:
+            from tools.mcp import MCPGroup
+
+            self._mcp = MCPGroup(servers)
+        self._entered: contextlib.AsyncExitStack | None = None
+        self._depth = 0
+
+    async def __aenter__(self) -> Agent:
+        """Keep the MCP servers connected across runs until the block ends (without it, each run connects).
+        Blocks may nest: the servers close when the outermost one ends."""
+        if self._mcp is not None and self._entered is None:
+            stack = contextlib.AsyncExitStack()
+            await stack.enter_async_context(self._mcp.opened())
+            self._entered = stack
+        self._depth += 1
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            stack, self._entered = self._entered, None
+            if stack is not None:
+                await stack.aclose()
 
     # ------------------------------------------------------------------ public entry points
 
@@ -250,6 +283,17 @@ class Agent:
         return [Message.system(self.system_prompt)] if self.system_prompt else []
 
     async def _drive(self, state: _RunState) -> AsyncIterator[AgentEvent]:
+        if self._mcp is None:
+            state.registry = self.registry
+            async for event in self._drive_steps(state):
+                yield event
+            return
+        async with self._mcp.opened():  # no-op for servers connected by `async with agent`
+            state.registry = self._mcp.registry(self.registry)
+            async for event in self._drive_steps(state):
+                yield event
+
+    async def _drive_steps(self, state: _RunState) -> AsyncIterator[AgentEvent]:
         heartbeat = None
         if self.memory is not None and state.run_id is not None and state.lease_ttl is not None:
             state.renewed = asyncio.get_running_loop().time()
@@ -308,7 +352,8 @@ class Agent:
             raise
 
     async def _steps(self, state: _RunState) -> AsyncIterator[AgentEvent]:
-        tools = self.registry.definitions()
+        assert state.registry is not None
+        tools = state.registry.definitions()
         while True:
             last = state.messages[-1]
             if last.role == "assistant" and last.tool_calls:
@@ -322,6 +367,9 @@ class Agent:
             if state.step >= self.max_steps:
                 raise MaxStepsExceeded(f"no final answer after {self.max_steps} steps", state.messages)
             self._check_request_limits(state)
+            if self._mcp is not None and await self._mcp.refresh():  # a server's tools changed
+                state.registry = self._mcp.registry(self.registry)
+                tools = state.registry.definitions()
             response: ModelResponse | None = None
             to_send = state.messages
             if self.context is not None:
@@ -367,17 +415,29 @@ class Agent:
             raise UsageLimitExceeded(f"tool call limit of {limit} reached", state.messages)
         for call in calls:
             yield ToolCallEvent(call, state.step)
-        tasks = [asyncio.ensure_future(self._execute(state, call)) for call in calls]
+        progress: asyncio.Queue[ToolProgressEvent] = asyncio.Queue()
+        tasks = [asyncio.ensure_future(self._execute(state, call, progress)) for call in calls]
+        waiting: set[asyncio.Future[Any]] = set(tasks)
+        report: asyncio.Future[ToolProgressEvent] | None = None
         try:
-            for finished in asyncio.as_completed(tasks):
-                outcome = await finished
-                if isinstance(outcome, RetryPart):
-                    yield RetryEvent(outcome, state.step)
-                else:
-                    yield ToolResultEvent(outcome, state.step)
+            while waiting:
+                report = report or asyncio.ensure_future(progress.get())
+                done, _ = await asyncio.wait({*waiting, report}, return_when=asyncio.FIRST_COMPLETED)
+                if report in done:
+                    yield report.result()
+                    report = None
+                for task in tasks:
+                    if task in done:
+                        waiting.discard(task)
+                        outcome = task.result()
+                        if isinstance(outcome, RetryPart):
+                            yield RetryEvent(outcome, state.step)
+                        else:
+                            yield ToolResultEvent(outcome, state.step)
         finally:
-            for task in tasks:
-                task.cancel()
+            for future in (*tasks, report):
+                if future is not None:
+                    future.cancel()
         parts: list[Part] = [task.result() for task in tasks]
         parts.extend(state.pending)
         state.pending.clear()
@@ -390,7 +450,12 @@ class Agent:
             if isinstance(part, RetryPart):
                 self._count_retry(state, part)
 
-    async def _execute(self, state: _RunState, call: ToolCallPart) -> ToolResultPart | RetryPart:
+    async def _execute(
+        self, state: _RunState, call: ToolCallPart, progress: asyncio.Queue[ToolProgressEvent]
+    ) -> ToolResultPart | RetryPart:
+        def report(done: float, total: float | None, message: str | None) -> None:
+            progress.put_nowait(ToolProgressEvent(call.id, done, total, message, state.step))
+
         ctx = ToolContext(
             call_id=call.id,
             tool_name=call.name,
@@ -399,14 +464,16 @@ class Agent:
             conversation_id=state.conversation_id,
             deps=state.deps,
             memory=self.memory,
+            progress=report,
         )
-        return await self.registry.execute(call, ctx, self.approver)
+        assert state.registry is not None
+        return await state.registry.execute(call, ctx, self.approver)
 
     def _count_retry(self, state: _RunState, retry: RetryPart) -> None:
         name = retry.name or _FORMAT_RETRY
         count = state.retries.get(name, 0) + 1
         state.retries[name] = count
-        t = self.registry.get(name)
+        t = (state.registry or self.registry).get(name)
         budget = t.retries if t is not None and t.retries is not None else self.retries
         if count > budget:
             what = "the model's output could not be parsed" if name == _FORMAT_RETRY else f"tool {name!r}"

@@ -15,6 +15,7 @@ __all__ = [
     "RunResult",
     "TextDeltaEvent",
     "ToolCallEvent",
+    "ToolProgressEvent",
     "ToolResultEvent",
     "UsageEvent",
 ]
@@ -68,6 +69,24 @@ class ToolCallEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolProgressEvent:
+    """A running call reported how far it got (an MCP server's progress notification, or `ToolContext.progress`).
+
+    Attributes:
+        call_id: the call.
+        progress: how much is done (units are the tool's).
+        total: how much there is in all, when known.
+        message: what it is doing, when it says.
+    """
+
+    call_id: str
+    progress: float
+    total: float | None
+    message: str | None
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
 class ToolResultEvent:
     """A call finished (or was denied)."""
 
@@ -100,5 +119,12 @@ class FinalEvent:
 
 
 AgentEvent = (
-    TextDeltaEvent | ModelResponseEvent | ToolCallEvent | ToolResultEvent | RetryEvent | UsageEvent | FinalEvent
+    TextDeltaEvent
+    | ModelResponseEvent
+    | ToolCallEvent
+    | ToolProgressEvent
+    | ToolResultEvent
+    | RetryEvent
+    | UsageEvent
+    | FinalEvent
 )

@@ -110,8 +110,11 @@ def test_unresolvable_annotation_is_reported_per_parameter() -> None:
 
 
 def test_registration_rejects_bad_names_schemas_and_duplicates() -> None:
-    with pytest.raises(ToolDefinitionError, match="names may hold only"):
-        Tool.from_schema("bad name!", {"type": "object"}, lambda: None)
+    for bad in ("bad name!", "", "x" * 129, "a:b"):
+        with pytest.raises(ToolDefinitionError, match="names are 1-128 letters"):
+            Tool.from_schema(bad, {"type": "object"}, lambda: None)
+    for good in ("math.add", "fs/read_file", "x" * 128, "météo"):  # MCP's names (and any letter, as before)
+        assert Tool.from_schema(good, {"type": "object"}, lambda: None).name == good
     with pytest.raises(ToolDefinitionError, match="invalid JSON schema"):
         Tool.from_schema("t", {"type": "object", "properties": {"a": {"type": "nonsense"}}}, lambda: None)
     with pytest.raises(ToolDefinitionError, match="must describe an object"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,8 @@ class ToolContext:
         conversation_id: the conversation's id in memory, when the agent has a store.
         deps: whatever the application passed as `Agent.run(..., deps=...)`.
         memory: the agent's memory store, or None.
+        progress: `progress(done, total, message)` reports how far the call got (an agent turns it into a
+            `ToolProgressEvent`); None when nobody listens.
     """
 
     call_id: str
@@ -27,3 +30,4 @@ class ToolContext:
     conversation_id: str | None = None
     deps: Any = None
     memory: Any = None
+    progress: Callable[[float, float | None, str | None], None] | None = None

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
@@ -60,6 +61,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 ContentPart = TextPart | ImagePart | AudioPart
 
 _ATTR = "__mmagent_tool__"
+_NAME = re.compile(r"[\w.\-/]{1,128}")  # MCP's tool names (and any letter, as before)
 _MAX_ERRORS = 3
 _MAX_REPR = 80
 
@@ -105,8 +107,8 @@ class Tool:
         return f"Tool(name={self.name!r}, parameters={self.parameters!r})"
 
     def __post_init__(self) -> None:
-        if not self.name or not self.name.replace("_", "a").replace("-", "a").isalnum():
-            raise ToolDefinitionError(self.name, ["names may hold only letters, digits, '_' and '-'"])
+        if not _NAME.fullmatch(self.name):
+            raise ToolDefinitionError(self.name, ["names are 1-128 letters, digits, '_', '-', '.' or '/' (as MCP's)"])
         try:
             cls = jsonschema.validators.validator_for(self.parameters, default=jsonschema.Draft202012Validator)
             cls.check_schema(self.parameters)
@@ -161,8 +163,10 @@ class Tool:
         timeout: float | None = None,
         retries: int | None = None,
         requires_approval: bool = False,
+        context: bool = False,
     ) -> Tool:
-        """Wrap a callable taking keyword arguments described by an existing JSON schema."""
+        """Wrap a callable taking keyword arguments described by an existing JSON schema (with `context`, a
+        `ToolContext` first)."""
         return cls(
             name=name,
             description=description,
@@ -171,6 +175,7 @@ class Tool:
             timeout=timeout,
             retries=retries,
             requires_approval=requires_approval,
+            _context_param="ctx" if context else None,
         )
 
     @property
@@ -609,6 +614,12 @@ def to_content(value: Any) -> tuple[ContentPart, ...]:
         raise UserError(f"{len(value)} bytes of unknown format (not an image or audio clip)")
     if hasattr(value, "save") and hasattr(value, "size") and hasattr(value, "mode"):  # a PIL image
         return (ImagePart.from_pil(value),)
+    if (
+        isinstance(value, list | tuple)
+        and value
+        and all(isinstance(v, TextPart | ImagePart | AudioPart) for v in value)
+    ):
+        return tuple(value)  # parts, as a tool built on other tools returns them
     if isinstance(value, list | tuple) and value and any(_is_media(v) for v in value):
         return tuple(p for v in value for p in to_content(v))
     try:
