@@ -42,6 +42,16 @@ ToolsOpt = Annotated[
 ]
 FilesOpt = Annotated[Path | None, typer.Option("--files", help="let the agent read files inside this folder")]
 HostOpt = Annotated[list[str] | None, typer.Option("--allow-host", help="let the agent fetch pages from this host")]
+McpOpt = Annotated[
+    list[str] | None, typer.Option("--mcp", help='use an MCP server started over stdio: "COMMAND ARGS" (repeatable)')
+]
+McpUrlOpt = Annotated[
+    list[str] | None, typer.Option("--mcp-url", help="use an MCP server over Streamable HTTP at this URL (repeatable)")
+]
+McpTokenOpt = Annotated[
+    str | None,
+    typer.Option("--mcp-token", envvar="MMAGENT_MCP_TOKEN", help="bearer token for the --mcp-url servers"),
+]
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -84,8 +94,35 @@ def load_tools(specs: list[str] | None, files: Path | None, hosts: list[str] | N
     return found
 
 
+def mcp_servers(commands: list[str] | None, urls: list[str] | None, token: str | None) -> list[Any]:
+    """`tools.mcp.MCPTools` for each `--mcp "COMMAND ARGS"` and `--mcp-url URL`."""
+    if not commands and not urls:
+        return []
+    import shlex
+
+    from tools.mcp import MCPTools
+
+    servers: list[Any] = []
+    for command in commands or []:
+        try:
+            words = shlex.split(command)
+        except ValueError as exc:
+            raise UserError(f"--mcp {command!r}: {exc}") from exc
+        if not words:
+            raise UserError("--mcp needs a command, e.g. --mcp 'python server.py'")
+        servers.append(MCPTools.stdio(words))
+    servers.extend(MCPTools.http(url, token=token) for url in urls or [])
+    return servers
+
+
 def _build(
-    model: str, server_model: str, db: str | None, tools: list[str] | None, files: Path | None, hosts: list[str] | None
+    model: str,
+    server_model: str,
+    db: str | None,
+    tools: list[str] | None,
+    files: Path | None,
+    hosts: list[str] | None,
+    mcp: list[Any] | None = None,
 ) -> Agent:
     from agent.models.resolve import resolve_model
 
@@ -98,7 +135,7 @@ def _build(
         from memory import Store
 
         store = Store(db)
-    return Agent(backend, tools=tool_list, system_prompt=DEFAULT_SYSTEM, memory=store)
+    return Agent(backend, tools=tool_list, system_prompt=DEFAULT_SYSTEM, memory=store, mcp=mcp or ())
 
 
 async def _stream(agent: Agent, prompt: Message, conversation_id: str | None, as_json: bool) -> str | None:
@@ -154,6 +191,9 @@ def run(
     tools: ToolsOpt = None,
     files: FilesOpt = None,
     allow_host: HostOpt = None,
+    mcp: McpOpt = None,
+    mcp_url: McpUrlOpt = None,
+    mcp_token: McpTokenOpt = None,
     conversation: Annotated[str | None, typer.Option(help="continue this stored conversation")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
@@ -162,7 +202,8 @@ def run(
     def go() -> None:
         message = Message.user(prompt, images=[as_image_part(p) for p in image or []],
                                audio=[as_audio_part(p) for p in audio or []])  # fmt: skip
-        agent = _build(model, server_model, db, tools, files, allow_host)
+        servers = mcp_servers(mcp, mcp_url, mcp_token)
+        agent = _build(model, server_model, db, tools, files, allow_host, servers)
         asyncio.run(_stream(agent, message, conversation, as_json))
 
     _guard(go)
@@ -176,15 +217,55 @@ def chat(
     tools: ToolsOpt = None,
     files: FilesOpt = None,
     allow_host: HostOpt = None,
+    mcp: McpOpt = None,
+    mcp_url: McpUrlOpt = None,
+    mcp_token: McpTokenOpt = None,
 ) -> None:
     """Talk with the agent. Attach media with `/image PATH` or `/audio PATH`; `/quit` leaves."""
-    agent = _guard(lambda: _build(model, server_model, db, tools, files, allow_host))
+    servers = _guard(lambda: mcp_servers(mcp, mcp_url, mcp_token))
+    agent = _guard(lambda: _build(model, server_model, db, tools, files, allow_host, servers))
+    _guard(lambda: asyncio.run(_chat(agent)))
+
+
+async def _chat(agent: Agent) -> None:
+    async with agent:  # MCP servers stay connected for the whole conversation
+        await _chat_turns(agent)
+
+
+async def _read_line(prompt: str) -> str:
+    """`input()` on a daemon thread: Ctrl-C ends the program without waiting for a line."""
+    import threading
+
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[str] = loop.create_future()
+
+    def settle(line: str | None, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(line or "")
+
+    def read() -> None:
+        try:
+            line = input(prompt)
+        except BaseException as exc:  # EOFError (Ctrl-D) goes to the caller
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, line, None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return await done
+
+
+async def _chat_turns(agent: Agent) -> None:
     conversation: str | None = None
     images: list[Any] = []
     clips: list[Any] = []
     while True:
         try:
-            line = input("you> ").strip()
+            line = (await _read_line("you> ")).strip()
         except EOFError:
             break
         if not line:
@@ -203,7 +284,7 @@ def chat(
             message = Message.user(line, images=images, audio=clips)
             images, clips = [], []
             out.print("agent> ", end="")
-            conversation = asyncio.run(_stream(agent, message, conversation, False)) or conversation
+            conversation = await _stream(agent, message, conversation, False) or conversation
         except MMAgentError as exc:
             err.print(f"[red]error:[/red] {exc}")
 
@@ -242,6 +323,9 @@ def serve(
         typer.Option(help="drop images/audio the model cannot read (with a Warning header) instead of a 400"),
     ] = False,
     request_timeout: Annotated[float, typer.Option(help="seconds one request may run")] = 600.0,
+    mcp: McpOpt = None,
+    mcp_url: McpUrlOpt = None,
+    mcp_token: McpTokenOpt = None,
 ) -> None:
     """Serve an OpenAI-compatible /v1/chat/completions endpoint: a plain model for other frameworks' agents
     (model mode), or this agent with its server-side tools (agent mode)."""
@@ -256,7 +340,8 @@ def serve(
         _fail(f"--mode must be auto, agent or model, got {mode!r}")
     if not request_timeout > 0:
         _fail(f"--request-timeout must be positive, got {request_timeout}")
-    agent = _guard(lambda: _build(model, server_model, db or DEFAULT_DB, tools, files, allow_host))
+    servers = _guard(lambda: mcp_servers(mcp, mcp_url, mcp_token))  # connected while the server runs
+    agent = _guard(lambda: _build(model, server_model, db or DEFAULT_DB, tools, files, allow_host, servers))
     application = _guard(
         lambda: create_app(
             agent,
@@ -272,8 +357,45 @@ def serve(
     names = ", ".join([agent.model.name, *(served_model_name or ())])
     err.print(f"serving {names} on http://{host}:{port}/v1 ({mode} mode)")
     try:
-        run_server(application, host=host, port=port)
+        _guard(lambda: run_server(application, host=host, port=port, agent=agent))
     except OSError as exc:  # the address is taken, or not ours to bind
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+@app.command("mcp")
+def mcp_command(
+    model: ModelOpt = "auto",
+    server_model: ServerModelOpt = "microsoft/Phi-4-multimodal-instruct",
+    db: DbOpt = None,
+    tools: ToolsOpt = None,
+    files: FilesOpt = None,
+    allow_host: HostOpt = None,
+    transport: Annotated[str, typer.Option(help="stdio (for a client that starts this process) or http")] = "stdio",
+    host: Annotated[str, typer.Option(help="http: address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="http: port to listen on (1-65535)")] = 8765,
+    api_key: Annotated[list[str] | None, typer.Option("--api-key", help="http: require this bearer token")] = None,
+    model_tools: Annotated[
+        bool, typer.Option(help="also offer transcribe, describe_image, ask and recall, backed by the model")
+    ] = True,
+) -> None:
+    """Serve the agent's tools, and tools backed by its model, to any MCP host (stdio or Streamable HTTP)."""
+    if transport not in ("stdio", "http"):
+        _fail(f"--transport must be stdio or http, got {transport!r}")
+    if not 0 < port < 65536:
+        _fail(f"--port must be between 1 and 65535, got {port}")
+    if api_key is not None and not all(k.strip() for k in api_key):
+        _fail("--api-key cannot be empty: pass the token clients must send, or leave the option out")
+    from agent.mcp_server import build_mcp_server, serve_http, serve_stdio
+
+    agent = _guard(lambda: _build(model, server_model, db, tools, files, allow_host))  # messages go to stderr
+    server = _guard(lambda: build_mcp_server(agent, model_tools=model_tools))
+    if transport == "stdio":
+        _guard(lambda: serve_stdio(server))
+        return
+    err.print(f"serving MCP on http://{host}:{port}/mcp")
+    try:
+        _guard(lambda: serve_http(server, host=host, port=port, api_keys=set(api_key) if api_key else None))
+    except OSError as exc:
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
 
 

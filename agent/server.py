@@ -50,10 +50,12 @@ malformed HTTP answered in the same JSON shape.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import inspect
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any, Literal
@@ -92,7 +94,7 @@ from agent.exceptions import UserError
 from agent.messages import Message
 from agent.models import Model, ModelResponse, TextDelta, ToolCallDelta
 
-__all__ = ["AgentSource", "ConversationStore", "Mode", "create_app", "serve"]
+__all__ = ["AgentSource", "Mode", "bind_socket", "create_app", "serve"]
 
 log = logging.getLogger("mmagent.server")
 
@@ -108,15 +110,6 @@ CHARS_PER_TOKEN_CEILING = 8
 """`max_prompt_chars` defaults to the model's context length times this: text that long cannot fit (real text
 averages 3-4 characters per token), so it is refused before it is tokenized or stored."""
 _DRAIN_BYTES = 16 * 1024 * 1024  # how much of an oversized body is read and dropped before the 413
-
-
-class ConversationStore:
-    """What model mode stores a request in (a `memory.Store` is one): one conversation per request."""
-
-    def create_conversation(
-        self, messages: Sequence[Message] = (), *, title: str | None = None, metadata: Any = None
-    ) -> str:  # pragma: no cover - a protocol, implemented by memory.Store
-        raise NotImplementedError
 
 
 def create_app(
@@ -200,19 +193,71 @@ def create_app(
     return Starlette(
         routes=routes,
         exception_handlers={HTTPException: _http_exception, Exception: _unexpected},
+        lifespan=_keep_connected(agent),
     )
 
 
-def serve(app: Starlette, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
+def _keep_connected(source: AgentSource | Model) -> Callable[[Starlette], Any]:
+    """A lifespan that keeps a shared agent's MCP servers connected while the app runs (without a lifespan,
+    each run connects its own)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if isinstance(source, Agent):
+            async with source:
+                yield
+        else:
+            yield
+
+    return lifespan
+
+
+def serve(
+    app: Starlette,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "warning",
+    agent: Agent | None = None,
+) -> None:
     """Run `app` with uvicorn until interrupted; malformed HTTP gets a 400 in OpenAI's JSON error shape.
+
+    Args:
+        app: from `create_app`.
+        host: address to listen on.
+        port: port to listen on.
+        log_level: uvicorn's.
+        agent: entered before serving (its MCP servers connected, so a server that cannot start is an error
+            here, not a failed startup) and left after.
 
     Raises:
         OSError: the address cannot be bound (in use, not ours, a bad host name), before anything starts.
+        MMAgentError: the agent's MCP servers cannot be connected.
     """
-    import socket
-
     import uvicorn
 
+    sock = bind_socket(host, port)
+    config = uvicorn.Config(app, log_level=log_level, http=_json_400_protocol(), lifespan="on")
+
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            if agent is not None:
+                await stack.enter_async_context(agent)
+            await uvicorn.Server(config).serve(sockets=[sock])
+
+    try:
+        asyncio.run(main())
+    finally:
+        sock.close()
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to `host:port` for uvicorn to serve on (bound first, so a taken port is an OSError
+    before anything starts).
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -224,11 +269,7 @@ def serve(app: Starlette, *, host: str = "127.0.0.1", port: int = 8000, log_leve
     except OSError:
         sock.close()
         raise
-    config = uvicorn.Config(app, log_level=log_level, http=_json_400_protocol(), lifespan="off")
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        sock.close()
+    return sock
 
 
 def _json_400_protocol() -> type[Any]:
