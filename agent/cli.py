@@ -332,10 +332,7 @@ def serve(
     from agent.server import create_app
     from agent.server import serve as run_server
 
-    if not 0 < port < 65536:
-        _fail(f"--port must be between 1 and 65535, got {port}")
-    if api_key is not None and not all(k.strip() for k in api_key):
-        _fail("--api-key cannot be empty: pass the token clients must send, or leave the option out")
+    _check_listening(port, api_key)
     if mode not in ("auto", "agent", "model"):
         _fail(f"--mode must be auto, agent or model, got {mode!r}")
     if not request_timeout > 0:
@@ -381,10 +378,7 @@ def mcp_command(
     """Serve the agent's tools, and tools backed by its model, to any MCP host (stdio or Streamable HTTP)."""
     if transport not in ("stdio", "http"):
         _fail(f"--transport must be stdio or http, got {transport!r}")
-    if not 0 < port < 65536:
-        _fail(f"--port must be between 1 and 65535, got {port}")
-    if api_key is not None and not all(k.strip() for k in api_key):
-        _fail("--api-key cannot be empty: pass the token clients must send, or leave the option out")
+    _check_listening(port, api_key)
     from agent.mcp_server import build_mcp_server, serve_http, serve_stdio
 
     agent = _guard(lambda: _build(model, server_model, db, tools, files, allow_host))  # messages go to stderr
@@ -397,6 +391,13 @@ def mcp_command(
         _guard(lambda: serve_http(server, host=host, port=port, api_keys=set(api_key) if api_key else None))
     except OSError as exc:
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+def _check_listening(port: int, api_key: list[str] | None) -> None:
+    if not 0 < port < 65536:
+        _fail(f"--port must be between 1 and 65535, got {port}")
+    if api_key is not None and not all(k.strip() for k in api_key):
+        _fail("--api-key cannot be empty: pass the token clients must send, or leave the option out")
 
 
 def _store(db: str) -> Any:

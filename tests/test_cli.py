@@ -7,14 +7,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
+from serve_support import running
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -66,17 +64,8 @@ def vllm_like() -> Iterator[tuple[str, list[dict[str, Any]]]]:
         )
 
     app = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1", seen
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with running(app) as served:
+        yield served.base_url, seen
 
 
 def test_help_lists_the_commands() -> None:

@@ -6,20 +6,17 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
 pytest.importorskip("mcp")
 
+from serve_support import running
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -57,17 +54,8 @@ def model_server() -> Iterator[tuple[str, list[dict[str, Any]]]]:
         return JSONResponse({"id": "x", "object": "chat.completion", "model": "m", "choices": [choice], "usage": usage})
 
     app = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1", seen
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with running(app) as served:
+        yield served.base_url, seen
 
 
 def test_run_uses_an_mcp_server_over_stdio(model_server: tuple[str, list[dict[str, Any]]], tmp_path: Path) -> None:

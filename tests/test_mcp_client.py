@@ -305,3 +305,23 @@ def test_the_chart_example_sends_the_mcp_image_to_the_model(capsys: pytest.Captu
     assert asyncio.run(example.main(["--model", "tiny-phi4"])) == 0
     printed = capsys.readouterr().out
     assert "-> sales_chart(" in printed and "<- sales_chart: an image 480x320" in printed
+
+
+def test_concurrent_runs_share_the_connected_servers() -> None:
+    """`mmagent serve` shares one agent (and its MCP sessions) between concurrent requests."""
+
+    def turn(messages: list[Message], info: AgentInfo) -> Any:
+        if messages[-1].role == "user":
+            n = int(messages[-1].text)
+            return [call("math.add", a=n, b=n), call("pid")]
+        return ",".join(p.text for p in messages[-1].parts)  # type: ignore[union-attr]
+
+    async def go() -> list[str]:
+        agent = Agent(FunctionModel(turn), mcp=[stdio()])
+        async with agent:
+            results = await asyncio.gather(*(agent.run(str(n)) for n in range(1, 6)))
+        return [r.output for r in results]
+
+    outputs = asyncio.run(go())
+    assert [o.split(",")[0] for o in outputs] == ["2", "4", "6", "8", "10"]
+    assert len({o.split(",")[1] for o in outputs}) == 1  # one server process answered them all
