@@ -1,13 +1,16 @@
-"""Framework overhead per agent step, without memory.
+"""Framework overhead per agent step, without memory and with a SQLite store.
 
 A 200-step tool-calling run on `FunctionModel`: each step the model asks for one call of a sync tool (run in a
 worker thread, as in production). An async-tool run is printed first for comparison
 (no thread hand-off). Time spent inside the model function and the tool is measured and
 subtracted, so what remains is mmagent's own work: rendering events, validating arguments (jsonschema +
-Pydantic), dispatching the call, building result messages, bookkeeping.
+Pydantic), dispatching the call, building result messages, bookkeeping. The same run is then repeated with
+a `memory.Store` on a temporary SQLite file (durable commits, as by default): every step's two phases
+committed as they complete.
 
 Usage: python benchmarks/overhead.py [--steps 200] [--repeat 5]
-Last line: overhead_us_per_step=<float>   (median over steps of the fastest repeat)
+Last line: overhead_us_per_step=<float> overhead_us_per_step_sqlite=<float>
+(each the median over steps of the fastest repeat)
 """
 
 from __future__ import annotations
@@ -15,14 +18,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, Field
+# Run as a script, this folder comes first on sys.path, where benchmarks/memory.py would shadow the package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent import Agent, Message, ModelResponseEvent, UsageLimits
-from agent.testing import AgentInfo, FunctionModel, call
-from tools import Tool
+from pydantic import BaseModel, Field  # noqa: E402
+
+from agent import Agent, Message, ModelResponseEvent, UsageLimits  # noqa: E402
+from agent.testing import AgentInfo, FunctionModel, call  # noqa: E402
+from memory import Store  # noqa: E402
+from tools import Tool  # noqa: E402
 
 
 class Item(BaseModel):
@@ -30,7 +41,7 @@ class Item(BaseModel):
     quantity: Annotated[int, Field(ge=1)]
 
 
-def _measure(steps: int, async_tool: bool = False) -> list[float]:
+def _measure(steps: int, async_tool: bool = False, store: Store | None = None) -> list[float]:
     inside: list[float] = []
 
     def add_to_cart(item: Item, note: str | None = None) -> dict[str, object]:
@@ -55,7 +66,13 @@ def _measure(steps: int, async_tool: bool = False) -> list[float]:
         inside.append(time.perf_counter() - t0)
         return out
 
-    agent = Agent(FunctionModel(model), tools=[tool], max_steps=steps + 1, usage_limits=UsageLimits(max_requests=None))
+    agent = Agent(
+        FunctionModel(model),
+        tools=[tool],
+        max_steps=steps + 1,
+        usage_limits=UsageLimits(max_requests=None),
+        memory=store,
+    )
     marks: list[float] = []
     inside_at: list[float] = []
 
@@ -82,12 +99,23 @@ def main() -> None:
     _measure(20)  # warm-up: imports, schema compilation, thread pool start
     async_runs = [_measure(args.steps, async_tool=True) for _ in range(args.repeat)]
     print(f"async tool (no worker thread): median_us={min(statistics.median(r) for r in async_runs):.1f}")
-    runs = [_measure(args.steps) for _ in range(args.repeat)]
+    plain = _best(args, [_measure(args.steps) for _ in range(args.repeat)], "no memory")
+    with tempfile.TemporaryDirectory() as folder:
+        stored = []
+        for i in range(args.repeat):
+            with Store(Path(folder) / f"run{i}.db") as store:
+                stored.append(_measure(args.steps, store=store))
+        sqlite = _best(args, stored, "SQLite store")
+    print(f"overhead_us_per_step={plain:.1f} overhead_us_per_step_sqlite={sqlite:.1f}")
+
+
+def _best(args: argparse.Namespace, runs: list[list[float]], label: str) -> float:
     medians = [statistics.median(r) for r in runs]
     best = min(range(len(runs)), key=lambda i: medians[i])
     p90 = statistics.quantiles(runs[best], n=10)[-1]
-    print(f"steps={args.steps} repeats={args.repeat} medians_us={[round(m, 1) for m in medians]} p90_us={p90:.1f}")
-    print(f"overhead_us_per_step={medians[best]:.1f}")
+    shown = [round(m, 1) for m in medians]
+    print(f"{label}: steps={args.steps} repeats={args.repeat} medians_us={shown} p90_us={p90:.1f}")
+    return medians[best]
 
 
 if __name__ == "__main__":
