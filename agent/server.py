@@ -626,15 +626,17 @@ class _Service:
 
 
 def _text_size(messages: list[dict[str, Any]]) -> int:
-    """Characters of text in OpenAI messages (content strings, text parts and tool-call arguments)."""
+    """Characters of text in OpenAI messages (content strings, text parts and tool-call arguments). Runs before
+    the messages are checked, so any shape is possible: what is not text counts nothing."""
     total = 0
     for message in messages:
         content = message.get("content")
-        if isinstance(content, str):
-            total += len(content)
-        elif isinstance(content, list):
-            total += sum(len(p.get("text") or "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        for call in message.get("tool_calls") or []:
+        parts = [content] if isinstance(content, str) else content if isinstance(content, list) else []
+        for part in parts:
+            text = part if isinstance(part, str) else part.get("text") if isinstance(part, dict) else None
+            total += len(text) if isinstance(text, str) else 0
+        calls = message.get("tool_calls")
+        for call in calls if isinstance(calls, list) else []:
             fn = call.get("function") if isinstance(call, dict) else None
             arguments = fn.get("arguments") if isinstance(fn, dict) else None
             total += len(arguments) if isinstance(arguments, str) else 0
