@@ -269,7 +269,8 @@ async def test_cancelled_while_waiting_for_the_lease_leaves_nothing_held(store_u
             await task
         store.end_run(holder, "completed")  # the waiting thread now takes the lease: it must give it back
         for _ in range(200):  # up to 10 s for the thread to take the lease and give it back
-            if lease_of(store, cid) == (None, None) and len(store.list_runs(conversation_id=cid)) == 2:
+            # the runs first: a lease read before the waiter's commit would be None and stale
+            if len(store.list_runs(conversation_id=cid)) == 2 and lease_of(store, cid) == (None, None):
                 break
             await asyncio.sleep(0.05)
         assert lease_of(store, cid) == (None, None)  # the abandoned run (its prompt stored) holds nothing
