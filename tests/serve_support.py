@@ -10,10 +10,11 @@ server, the clients) runs for real.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,45 @@ def running(app: Any) -> Iterator[Running]:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+@contextmanager
+def stub_model_server(
+    call_for: Callable[[str], tuple[str, dict[str, Any]]], answer: Callable[[str], str]
+) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A stand-in OpenAI-compatible model server on loopback: after a user turn it asks for the call
+    `call_for(user_text)` gives (name, arguments), after a tool result it answers `answer(result_text)`.
+    Yields its base URL and the request bodies it received."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    seen: list[dict[str, Any]] = []
+
+    async def completions(request: Request) -> JSONResponse:
+        body = await request.json()
+        seen.append(body)
+        last = body["messages"][-1]
+        if last["role"] == "tool":
+            message: dict[str, Any] = {"role": "assistant", "content": answer(last["content"])}
+        else:
+            name, arguments = call_for(last["content"])
+            function = {"name": name, "arguments": json.dumps(arguments)}
+            message = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "c1", "type": "function", "function": function}],
+            }
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+        return JSONResponse(
+            {"id": "x", "object": "chat.completion", "model": body.get("model"), "choices": [choice], "usage": usage}
+        )
+
+    app = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
+    with running(app) as served:
+        yield served.base_url, seen
 
 
 def weather_tool(name: str = "get_weather") -> dict[str, Any]:

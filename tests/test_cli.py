@@ -12,11 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_support import running
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from serve_support import stub_model_server
 
 from agent import Agent
 from agent.testing import FunctionModel, call
@@ -33,39 +29,8 @@ def mmagent(*args: str, cwd: Path | None = None, timeout: float = 120) -> subpro
 @pytest.fixture(scope="module")
 def vllm_like() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """A stand-in OpenAI-compatible model server: asks for the calculator, then answers with its result."""
-    seen: list[dict[str, Any]] = []
-
-    async def completions(request: Request) -> JSONResponse:
-        body = await request.json()
-        seen.append(body)
-        last = body["messages"][-1]
-        if last["role"] == "tool":
-            message: dict[str, Any] = {"role": "assistant", "content": f"17 * 23 = {last['content']}"}
-        else:
-            message = {
-                "role": "assistant",
-                "content": None,
-                "tool_calls": [
-                    {
-                        "id": "c1",
-                        "type": "function",
-                        "function": {"name": "calculator", "arguments": json.dumps({"expression": "17 * 23"})},
-                    }
-                ],
-            }
-        return JSONResponse(
-            {
-                "id": "x",
-                "object": "chat.completion",
-                "model": body["model"],
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
-            }
-        )
-
-    app = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
-    with running(app) as served:
-        yield served.base_url, seen
+    with stub_model_server(lambda text: ("calculator", {"expression": "17 * 23"}), lambda r: f"17 * 23 = {r}") as out:
+        yield out
 
 
 def test_help_lists_the_commands() -> None:

@@ -16,11 +16,7 @@ import pytest
 
 pytest.importorskip("mcp")
 
-from serve_support import running
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from serve_support import stub_model_server
 
 ROOT = Path(__file__).resolve().parents[1]
 EXE = shutil.which("mmagent", path=str(Path(sys.executable).parent)) or "mmagent"
@@ -31,31 +27,13 @@ DEMO = f"{sys.executable} {ROOT / 'tests' / 'mcp_servers' / 'demo.py'} stdio"
 def model_server() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """A stand-in model server: after the user's turn it calls the tool the user names (`use NAME`), after the
     tool's result it answers with that result."""
-    seen: list[dict[str, Any]] = []
 
-    async def completions(request: Request) -> JSONResponse:
-        body = await request.json()
-        seen.append(body)
-        last = body["messages"][-1]
-        if last["role"] == "tool":
-            message: dict[str, Any] = {"role": "assistant", "content": f"result: {last['content']}"}
-        else:
-            name = last["content"].removeprefix("use ").strip()
-            arguments = {"a": 2, "b": 3} if name == "math.add" else {}
-            message = {
-                "role": "assistant",
-                "content": None,
-                "tool_calls": [
-                    {"id": "c1", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
-                ],
-            }
-        choice = {"index": 0, "message": message, "finish_reason": "stop"}
-        usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
-        return JSONResponse({"id": "x", "object": "chat.completion", "model": "m", "choices": [choice], "usage": usage})
+    def call_for(text: str) -> tuple[str, dict[str, Any]]:
+        name = text.removeprefix("use ").strip()
+        return name, ({"a": 2, "b": 3} if name == "math.add" else {})
 
-    app = Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
-    with running(app) as served:
-        yield served.base_url, seen
+    with stub_model_server(call_for, lambda result: f"result: {result}") as out:
+        yield out
 
 
 def test_run_uses_an_mcp_server_over_stdio(model_server: tuple[str, list[dict[str, Any]]], tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ import uvicorn
 from mcp import Client, MCPError, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server import Server
+from mcp_server_script import add  # the same tool the stdio subprocess serves
 from PIL import Image
 
 from agent import Agent, AudioPart, ImagePart, Message, ModelSettings
@@ -35,24 +36,12 @@ from agent.exceptions import UserError
 from agent.mcp_server import TRANSCRIBE_PROMPT, build_mcp_server, create_http_app
 from agent.testing import FunctionModel, call
 from memory import Store
-from tools import tool
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "mcp_server_script.py"
 SPEECH = ROOT / "examples" / "data" / "request.wav"
 MODEL_TOOLS = ["transcribe", "describe_image", "ask"]
 SHORT = ModelSettings(max_tokens=8)
-
-
-@tool
-def add(a: int, b: int) -> int:
-    """Add two integers.
-
-    Args:
-        a: the first addend.
-        b: the second addend.
-    """
-    return a + b
 
 
 def _png(width: int = 40, height: int = 30, color: str = "red") -> bytes:
