@@ -39,7 +39,7 @@ import torch
 
 from agent.messages import Message, ToolDefinition
 from agent.models import ModelSettings
-from agent.models._grammar_schemas import random_tools
+from agent.models._grammar._schemas import random_tools
 from agent.models.transformers import TransformersModel
 from tools import Registry, tool
 

@@ -1,6 +1,6 @@
 """Grammar engines for JSON-schema constrained decoding, compared on Phi-4's 200,064-token vocabulary (CPU only).
 
-Candidates: llguidance (the engine `agent/models/_grammar.py` uses), xgrammar, outlines-core and
+Candidates: llguidance (the engine `agent/models/_grammar/` uses), xgrammar, outlines-core and
 lm-format-enforcer, each through its own JSON-schema API:
 
 - llguidance: `llguidance.hf.from_tokenizer`, `LLMatcher.grammar_from_json_schema` + `LLMatcher` (one pristine
@@ -15,7 +15,7 @@ lm-format-enforcer, each through its own JSON-schema API:
   tokenizer data is built here the way that integration describes it (every id but EOS a regular token).
 
 Two more rows run llguidance and xgrammar on the schema as the project prepares it
-(`agent.models._grammar_build.prepare_schema`: calendar-exact date patterns instead of `format: date`,
+(`agent.models._grammar._build.prepare_schema`: calendar-exact date patterns instead of `format: date`,
 `additionalProperties: false` on open objects; llguidance also gets the project's `with_options` layout).
 
 Every engine gets the same EOS (<|endoftext|>, 199999) and compact JSON (no free whitespace: llguidance
@@ -25,7 +25,7 @@ peak RSS, no shared caches) with 1 thread.
 
 Per engine:
 1. setup: the per-tokenizer work (vocabulary index / token tables), once per tokenizer;
-2. compile each of `--schemas` tool parameter schemas from `agent.models._grammar_schemas.random_tools` (the
+2. compile each of `--schemas` tool parameter schemas from `agent.models._grammar._schemas.random_tools` (the
    schemas Pydantic emits: $defs/$ref, enums, const, anyOf null, nested and recursive models, arrays, tuples,
    maps, numeric bounds incl. exclusive, string lengths, patterns, date/uuid formats), cold, one at a time;
 3. `--samples` generations per compiled schema: each step takes the engine's allowed-token bitmask, picks a
@@ -100,7 +100,7 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RA
 
 def tool_schemas(count: int, seed: int) -> list[dict[str, Any]]:
     """`count` tool parameter schemas from the project's random registries (deterministic in `seed`)."""
-    from agent.models._grammar_schemas import random_tools
+    from agent.models._grammar._schemas import random_tools
 
     rng = random.Random(seed)
     schemas: list[dict[str, Any]] = []
@@ -240,12 +240,12 @@ class LLGuidanceSession(Session):
 
 
 class LLGuidancePrepared(LLGuidance):
-    """llguidance as the project runs it: `_grammar_build.prepare_schema` (calendar-exact date/date-time
+    """llguidance as the project runs it: `agent.models._grammar._build.prepare_schema` (calendar-exact date/date-time
     patterns instead of the engine's format, `additionalProperties: false` on open objects) and `with_options`
     (no free whitespace, `", "` and `": "` separators)."""
 
     def compile(self, schema: dict[str, Any]) -> Any:
-        from agent.models._grammar_build import prepare_schema, with_options
+        from agent.models._grammar._build import prepare_schema, with_options
 
         prepared, problems = prepare_schema(schema)
         if problems:
@@ -288,7 +288,7 @@ class XGrammarPrepared(XGrammar):
     """xgrammar on the same prepared schema as `LLGuidancePrepared` (the engine-neutral part: no `x-guidance`)."""
 
     def compile(self, schema: dict[str, Any]) -> Any:
-        from agent.models._grammar_build import prepare_schema
+        from agent.models._grammar._build import prepare_schema
 
         prepared, problems = prepare_schema(schema)
         if problems:

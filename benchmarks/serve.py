@@ -3,7 +3,7 @@
 Starts the real CLI (`mmagent serve --model tiny-phi4 --mode model`) in a subprocess, then:
 
 1. validity: `--requests` (200) chat completions from `--clients` (8) concurrent official `openai` clients, each
-   with `tool_choice="required"` over generated Pydantic tool schemas (`agent.models._grammar_schemas`).
+   with `tool_choice="required"` over generated Pydantic tool schemas (`agent.models._grammar._schemas`).
    Every returned call must name a tool of its request and validate against that tool's schema (jsonschema
    with format checking); the rate of requests whose every call does is `valid_rate`;
 2. HTTP overhead: `--timed` (40) requests, one at a time, from one client. The server reports the time its
@@ -39,7 +39,7 @@ import jsonschema
 import openai
 
 from agent.messages import ToolDefinition
-from agent.models._grammar_schemas import random_tools
+from agent.models._grammar._schemas import random_tools
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = jsonschema.FormatChecker()

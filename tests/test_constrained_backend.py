@@ -25,7 +25,7 @@ from agent import Agent, Message  # noqa: E402
 from agent.messages import TextPart, ToolCallPart, ToolDefinition, ToolResultPart  # noqa: E402
 from agent.models import ModelResponse, ModelSettings, TextDelta  # noqa: E402
 from agent.models._grammar import ConstraintWarning  # noqa: E402
-from agent.models._grammar_schemas import random_tools  # noqa: E402
+from agent.models._grammar._schemas import random_tools  # noqa: E402
 from agent.models.transformers import TransformersModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,6 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from agent.exceptions import UserError  # noqa: E402
 from agent.messages import ToolCallPart, ToolDefinition  # noqa: E402
-from agent.models import _grammar  # noqa: E402
 from agent.models._grammar import (  # noqa: E402
     PHI4_FORMAT,
     TAGGED_FORMAT,
@@ -24,10 +23,11 @@ from agent.models._grammar import (  # noqa: E402
     ConstraintWarning,
     GrammarEngine,
     ToolConstraint,
+    _engine,
     check_tool_schema,
     check_tools,
 )
-from agent.models._grammar_schemas import random_tools  # noqa: E402
+from agent.models._grammar._schemas import random_tools  # noqa: E402
 from agent.models.phi4_format import parse_completion  # noqa: E402
 
 TOOL_CALL, TOOL_CALL_END, END = 200025, 200026, 200020
@@ -342,7 +342,7 @@ def test_grammar_that_fails_to_compile_means_unconstrained(
 def test_without_llguidance_everything_degrades_with_a_warning(
     phi4_tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_grammar, "_llguidance", lambda: None)
+    monkeypatch.setattr(_engine, "_llguidance", lambda: None)
     assert check_tool_schema(weather().parameters).level == "unconstrained"
     disabled = GrammarEngine.from_tokenizer(phi4_tokenizer)
     assert disabled.disabled_reason and END in disabled.eos_token_ids

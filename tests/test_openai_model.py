@@ -19,8 +19,8 @@ from agent import Agent, Message
 from agent.exceptions import ModelHTTPError, UserError
 from agent.messages import AudioPart, ImagePart, TextPart, ToolCallPart, ToolDefinition, ToolResultPart
 from agent.models import ModelResponse, ModelSettings, TextDelta
-from agent.models._openai_wire import SSEDecoder, retry_after
 from agent.models.openai import OpenAIModel
+from agent.models.openai._wire import SSEDecoder, retry_after
 
 BASE = "http://llm.test/v1"
 ADD = ToolDefinition(
@@ -457,7 +457,7 @@ def test_sse_decoder_joins_multiline_data_and_skips_comments() -> None:
 
 def test_text_parts_round_trip_into_the_request() -> None:
     # the body builder reuses to_openai: a retry part becomes user text, tool results become tool messages
-    from agent.models._openai_wire import build_body
+    from agent.models.openai._wire import build_body
 
     messages = [
         Message.user("hi"),

@@ -17,9 +17,9 @@ from PIL import Image
 from agent.exceptions import MediaError
 from agent.messages import AudioPart, ImagePart, Message, TextPart, ToolCallPart, ToolDefinition, ToolResultPart
 from agent.models import ModelSettings
-from agent.models._hf_media import AudioSettings, ImageSettings, resampled_length
 from agent.models.phi4_format import render_prompt
 from agent.models.transformers import TransformersModel
+from agent.models.transformers._media import AudioSettings, ImageSettings, resampled_length
 
 TOOLS = [ToolDefinition(name="see", description="Look at something", parameters={"type": "object"})]
 

@@ -1,41 +1,4 @@
-"""Grammar-constrained decoding of tool calls: a model can only write text or calls that parse and validate.
-
-The engine is llguidance (chosen over xgrammar, outlines-core and lm-format-enforcer by measurement: every
-schema feature Pydantic emits enforced, added tokens kept out of JSON strings, ~0.04 ms median per token mask on
-Phi-4's 200K vocabulary, ~1 ms compile per tool). It is an optional dependency: without it every constraint
-is unconstrained and says so in a `ConstraintWarning`.
-
-How a backend uses it (the backend owns the decode loop; only generated tokens go to the matcher, so a
-reused KV cache or a streamed response needs nothing special)::
-
-    engine = GrammarEngine.from_tokenizer(tokenizer, eos_token_ids=[200020, 199999], vocab_size=V)  # once
-    constraint = engine.constraint(tools, settings.tool_choice, PHI4_FORMAT)   # per request (cached)
-    matcher = constraint.start(max_tokens=settings.max_tokens)
-    for step in range(settings.max_tokens):
-        logits = forward(...)[-1]                  # (vocab,) or (1, vocab), any device
-        matcher.mask_logits(logits)                # disallowed tokens -> -inf, in place
-        token = sample(logits)
-        matcher.advance(token)
-        if matcher.done or token in eos: break
-    parsed = parse_completion(text)   # for TAGGED_FORMAT: open_tag="<tool_call>", close_tag="</tool_call>"
-
-or, with `model.generate`: `logits_processor=LogitsProcessorList([constraint.logits_processor(max_tokens=N)])`.
-
-Grammar by `tool_choice` (see `_grammar_build` for the text):
-- `auto`: free text, or free text followed by one call block; `none`: free text only;
-- `required`: one call block right away; a tool name: a call block whose calls all name that tool.
-A call block is the format's open marker, a JSON list of one or more `{"name": ..., "arguments": {...}}`
-(arguments valid against that tool's schema), the close marker, then end of turn. Free text never contains
-`<|`, `functools[`, or a leading `{"name"`, so `parse_completion` never finds a call in it.
-
-Budget: given `max_tokens`, the matcher plans how to finish the output and, when the budget gets tight,
-emits that plan (closing strings, arrays and objects within what the grammar allows), so `max_tokens`
-never cuts a call in half (see `_grammar_closing`). Free text is not cut short: once a call would no longer
-fit, the open marker is banned and the text may run to the budget.
-
-Sampling without top-p can skip most masks (exactly the same distribution): sample from the raw logits,
-and only when `matcher.accepts(token)` is False, `mask_logits` and sample again.
-"""
+"""The engine: `GrammarEngine`, per-request `ToolConstraint`s and their matchers."""
 
 from __future__ import annotations
 
@@ -51,7 +14,7 @@ import numpy as np
 from agent.exceptions import UserError
 from agent.messages import ToolDefinition
 from agent.models import ToolChoice
-from agent.models._grammar_build import (
+from agent.models._grammar._build import (
     Marker,
     call_rules,
     lark_grammar,
@@ -59,7 +22,7 @@ from agent.models._grammar_build import (
     strip_patterns,
     with_options,
 )
-from agent.models._grammar_closing import (
+from agent.models._grammar._closing import (
     PLAN_LIMIT,
     MaskBuffers,
     OutputState,
@@ -67,7 +30,7 @@ from agent.models._grammar_closing import (
     growth_bound,
     plan_closing,
 )
-from agent.models._grammar_vocab import Bits, Bools, TokenTables, count, has_bit, set_ids, unpack, words_for
+from agent.models._grammar._vocab import Bits, Bools, TokenTables, count, has_bit, set_ids, unpack, words_for
 from agent.models.phi4_format import TOOL_CALL, TOOL_CALL_END, escape_json
 
 if TYPE_CHECKING:
@@ -565,7 +528,7 @@ class ToolCallMatcher:
 
     Per step: `mask_logits(logits)` (or `allowed()` / `accepts(token)`), sample, then `advance(token)`.
     A token the grammar rejects does not raise: the matcher warns once and stops constraining.
-    With `max_tokens`, the budget planner (`_grammar_closing`) makes the output end within it.
+    With `max_tokens`, the budget planner (`_closing`) makes the output end within it.
     """
 
     def __init__(self, constraint: ToolConstraint, inner: Any, max_tokens: int | None) -> None:
@@ -590,7 +553,7 @@ class ToolCallMatcher:
         self._ban_open = False  # a call would no longer fit in the budget
         self._last_plan: tuple[int, int] | None = None  # (plan length, tokens generated) at the last plan
         self._openers = 0  # tokens since the last plan that may have opened something
-        self._slack = 0  # budget slack at the last plan (see `_grammar_closing`)
+        self._slack = 0  # budget slack at the last plan (see `_closing`)
         self._spent = 0  # worst-case slack used since
 
     # -------------------------------------------------------------- state
@@ -614,7 +577,7 @@ class ToolCallMatcher:
 
     @property
     def closing(self) -> bool:
-        """True when the budget is nearly spent and the output is being closed (see `_grammar_closing`)."""
+        """True when the budget is nearly spent and the output is being closed (see `_closing`)."""
         return self._plan is not None
 
     def forced_tokens(self) -> list[int]:
@@ -629,7 +592,7 @@ class ToolCallMatcher:
     # -------------------------------------------------------------- masks
 
     def allowed_bits(self) -> Bits | None:
-        """The allowed tokens as a packed bitmask (see `_grammar_vocab`), or None when unconstrained."""
+        """The allowed tokens as a packed bitmask (see `_vocab`), or None when unconstrained."""
         if not self.active:
             return None
         if self._bits is not None:

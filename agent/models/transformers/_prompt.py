@@ -28,7 +28,7 @@ from agent.messages import (
 )
 from agent.models import ModelSettings, ParsedCompletion
 from agent.models import phi4_format as pf
-from agent.models._hf_media import AudioSettings, ImageSettings, MediaCounter, media_digest
+from agent.models.transformers._media import AudioSettings, ImageSettings, MediaCounter, media_digest
 
 _ZWSP = "\u200b"
 

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 from agent.messages import ToolCallPart
 from agent.models import ModelSettings, ToolCallDelta
 from agent.models import phi4_format as pf
-from agent.models._hf_media import process_media
-from agent.models._hf_prompt import Format, MediaSpan, Prompt
+from agent.models.transformers._media import process_media
+from agent.models.transformers._prompt import Format, MediaSpan, Prompt
 
 if TYPE_CHECKING:
     import torch

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.models._grammar_vocab import Bits, TokenTables, has_bit, set_ids
+from agent.models._grammar._vocab import Bits, TokenTables, has_bit, set_ids
 
 PLAN_LIMIT = 512  # simulated tokens at most; a longer plan means "close now"
 _OPENERS = frozenset(b"{[,")

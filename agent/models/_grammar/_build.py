@@ -1,6 +1,6 @@
 """Grammar text for constrained tool calls: JSON-schema preparation and the Lark grammar llguidance compiles.
 
-Pure functions over dicts and strings; no llguidance, no torch. `_grammar.py` compiles what this builds.
+Pure functions over dicts and strings; no llguidance, no torch. `_engine` compiles what this builds.
 
 The grammar (Phi-4 format, `tool_choice="auto"`; `<[200025]>` is the single `<|tool_call|>` token id)::
 

