@@ -9,6 +9,11 @@ Longrope: the rotary frequencies depend on whether the sequence is longer than
 `original_max_position_embeddings` (4096 for Phi-4). Keys cached under one regime are wrong under the
 other (transformers 5.23 silently continues with them), so the engine remembers the regime its cache was
 built in and recomputes the whole sequence once when a prompt, or a decode step, crosses the switch.
+
+Decode modes (`_static`): `eager` runs the model's forward per token on a growing `DynamicCache`; `static`
+and `compiled` keep a preallocated cache sized in buckets and run each decode token through one step function
+(compiled, with CUDA graphs on CUDA, in `compiled`). All three share the rest: reuse, crop, the rope switch,
+media, grammar masks, forced tokens, stop strings and streaming; greedy outputs are token-identical.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from agent.models import ModelSettings, ToolCallDelta
 from agent.models import phi4_format as pf
 from agent.models.transformers._media import process_media
 from agent.models.transformers._prompt import Format, MediaSpan, Prompt
+from agent.models.transformers._static import PREFILL_CHUNK, DecodeMode, DecodeStep, RopeRegime, StaticKV
 
 if TYPE_CHECKING:
     import torch
@@ -109,6 +115,7 @@ class Engine:
         logits_processors: Sequence[LogitsProcessor] = (),
         rope_switch: int | None = None,
         adapters: frozenset[str] = frozenset(),
+        decode: DecodeMode = "eager",
     ) -> None:
         self.model = model
         self.fmt = fmt
@@ -127,9 +134,31 @@ class Engine:
         window = getattr(config, "sliding_window", None)
         sliding = window is not None or any("sliding" in str(t) for t in layer_types)
         self.crop_limit: int | None = (window if isinstance(window, int) else 0) if sliding else None
+        self.decode = decode
+        self.prefill_chunk = PREFILL_CHUNK  # tokens per prefill forward on a static cache
+        self._kv: StaticKV | None = None
+        self._step: DecodeStep | None = None
+        self._rope = RopeRegime(model) if rope_switch is not None else None
+        if decode != "eager":
+            StaticKV.check(config)
+            limit = getattr(config, "max_position_embeddings", None)
+            self._kv = StaticKV(config, limit if isinstance(limit, int) else None)
+            self._step = DecodeStep(model, compiled=decode == "compiled")
 
     def _can_crop(self, cached: int) -> bool:
-        return self.crop_limit is None or cached <= self.crop_limit
+        # A static cache is never full (it grows first), so a cut back is exact whatever the layers' window.
+        return self._kv is not None or self.crop_limit is None or cached <= self.crop_limit
+
+    def _cached_length(self) -> int:
+        if self._kv is not None:
+            return self._kv.length
+        return int(self.state.cache.get_seq_length())
+
+    def reset(self) -> None:
+        """Forget what the cache holds (a static cache keeps its allocation, and its compiled step)."""
+        self.state.reset()
+        if self._kv is not None:
+            self._kv.length = -1  # unknown: the next prefill rewrites the layers' lengths
 
     # ------------------------------------------------------------------ forward passes
 
@@ -159,16 +188,45 @@ class Engine:
         self, ids: list[int], start: int, spans: Sequence[MediaSpan], mode: tuple[str | None, str | None]
     ) -> Any:
         """Feed `ids[start:]` after a cache holding `ids[:start]`; return the logits of the last position."""
+        if self._kv is None:
+            return self._forward_slice(ids, start, len(ids), spans, mode)
+        if len(ids) - start == 1 and not any(s.start >= start for s in spans):
+            assert self._step is not None
+            return self._step(ids[-1], start, self._kv)
+        # Prefill in chunks (a chunk never splits a media run), every chunk in the regime of the whole sequence.
+        long_rope = self.state.long_rope
+        if self._rope is not None and self.rope_switch is not None and len(ids) - start > self.prefill_chunk:
+            self._rope.pin(long_rope, self.rope_switch)
+        try:
+            while True:
+                end = min(start + self.prefill_chunk, len(ids))
+                for span in spans:
+                    if span.start < end < span.start + span.length:
+                        end = span.start + span.length
+                logits = self._forward_slice(ids, start, end, spans, mode)
+                self._kv.advanced(end - start)
+                if end >= len(ids):
+                    return logits
+                start = end
+        finally:
+            if self._rope is not None:
+                self._rope.unpin()
+
+    def _forward_slice(
+        self, ids: list[int], start: int, end: int, spans: Sequence[MediaSpan], mode: tuple[str | None, str | None]
+    ) -> Any:
         import torch
 
         device = self.device
         inputs: dict[str, Any] = {
-            "input_ids": torch.tensor([ids[start:]], dtype=torch.long, device=device),
+            "input_ids": torch.tensor([ids[start:end]], dtype=torch.long, device=device),
             "past_key_values": self.state.cache,
             "use_cache": True,
             "logits_to_keep": 1,
         }
-        new_media = [s for s in spans if s.start >= start]
+        if self._kv is not None:  # the static cache's length is ours: positions say where the slice goes
+            inputs["position_ids"] = torch.arange(start, end, dtype=torch.long, device=device)[None]
+        new_media = [s for s in spans if start <= s.start < end]
         if new_media:
             images = [s for s in new_media if s.kind == "image"]
             audio = [s for s in new_media if s.kind == "audio"]
@@ -191,8 +249,9 @@ class Engine:
         out = self.model(**inputs)
         return out.logits[0, -1]
 
-    def _prefill(self, prompt: Prompt) -> tuple[Any, int]:
-        """Bring the cache to `prompt.ids`, computing only what it lacks; return (last logits, tokens computed)."""
+    def _prefill(self, prompt: Prompt, room: int = 0) -> tuple[Any, int]:
+        """Bring the cache to `prompt.ids`, computing only what it lacks, with `room` more tokens to decode into;
+        return (last logits, tokens computed)."""
         state = self.state
         total = len(prompt.ids)
         long_rope = self.rope_switch is not None and total > self.rope_switch
@@ -205,11 +264,15 @@ class Engine:
                 if span.start <= p < span.start + span.length:
                     p = span.start
         if p and (
-            state.cache.get_seq_length() != len(state.ids)
-            or (p < len(state.ids) and not self._can_crop(len(state.ids)))
+            self._cached_length() != len(state.ids) or (p < len(state.ids) and not self._can_crop(len(state.ids)))
         ):
             p = 0  # the cache is not what we think it is, or it cannot be cut back (sliding window layers)
-        if p == 0 or state.cache is None:
+        if self._kv is not None:  # grows (copying what it keeps) or crops to p
+            self._kv.reserve(total + room, keep=p if state.cache is not None else 0)
+            if p == 0:
+                state.reset()
+            state.cache = self._kv.cache
+        elif p == 0 or state.cache is None:
             state.reset()
             state.cache = self._new_cache()
             p = 0
@@ -227,7 +290,11 @@ class Engine:
     def _recompute(self, ids: list[int], spans: Sequence[MediaSpan], mode: tuple[str | None, str | None]) -> Any:
         state = self.state
         state.reset()
-        state.cache = self._new_cache()
+        if self._kv is not None:
+            self._kv.reserve(max(self._kv.capacity, len(ids) + 1), keep=0)
+            state.cache = self._kv.cache
+        else:
+            state.cache = self._new_cache()
         state.long_rope = self.rope_switch is not None and len(ids) > self.rope_switch
         logits = self._forward(ids, 0, spans, mode)
         state.ids, state.spans, state.mode = list(ids), tuple(spans), mode
@@ -255,7 +322,7 @@ class Engine:
             with torch.inference_mode():
                 return self._generate(prompt, settings, max_new_tokens, streamer, cancel, constraint)
         except BaseException:
-            self.state.reset()  # a failed forward leaves the cache half-written
+            self.reset()  # a failed forward leaves the cache half-written
             raise
 
     def _generate(
@@ -270,7 +337,7 @@ class Engine:
         import torch
 
         started = time.perf_counter()
-        logits, prefill = self._prefill(prompt)
+        logits, prefill = self._prefill(prompt, max_new_tokens + 1)
         fmt = self.fmt
         ids = list(prompt.ids)
         generated: list[int] = []
@@ -292,6 +359,8 @@ class Engine:
             generator = torch.Generator(device=logits.device).manual_seed(settings.seed)
         finish = "length"
         text = ""
+        if logits.device.type == "cuda":  # the prefill is queued, not done: time it to its end
+            torch.cuda.synchronize(logits.device)
         decode_started = time.perf_counter()
         forwards = 0
         while len(generated) < max_new_tokens:

@@ -6,7 +6,9 @@ import asyncio
 import importlib.util
 import json
 import os
+import sys
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from agent.models import phi4_format as pf
 from agent.models.transformers._generate import Completion, Engine, LogitsProcessor, Streamer
 from agent.models.transformers._load import PHI4_ID, PHI4_REVISION, load, smollm2_path
 from agent.models.transformers._prompt import ChatFormat, Format, Phi4Format
+from agent.models.transformers._static import resolve_decode
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +74,14 @@ class TransformersModel(Model):
         constrained: constrain decoding with a grammar built from the request's tools and `tool_choice`
             (needs `llguidance`, in the `local` extra; without it a `ConstraintWarning` says decoding is
             free and calls are validated after decoding, as with `constrained=False`).
+        decode: how tokens are decoded. `"auto"` (default): `"compiled"` on CUDA, `"eager"` elsewhere.
+            `"eager"`: the model's forward per token on a growing cache (no warm-up; the CPU default).
+            `"static"`: a preallocated cache sized in buckets and a one-token step, uncompiled.
+            `"compiled"`: the same step through `torch.compile`, replayed as a CUDA graph on CUDA; it compiles
+            once per cache bucket (the first at construction, `warmup`), then decodes near the memory-bandwidth
+            limit. Greedy outputs are token-identical across the three.
+        warmup: with `"compiled"`, compile the first bucket now (a progress line on stderr) rather than in the
+            first request.
     """
 
     def __init__(
@@ -83,6 +94,8 @@ class TransformersModel(Model):
         logits_processors: Sequence[LogitsProcessor] = (),
         adapters: Sequence[str] | None = None,
         constrained: bool = True,
+        decode: str = "auto",
+        warmup: bool = True,
     ) -> None:
         config = getattr(model, "config", None)
         if config is None or not callable(model):
@@ -116,6 +129,7 @@ class TransformersModel(Model):
             logits_processors=logits_processors,
             rope_switch=_rope_switch(config),
             adapters=routed,
+            decode=resolve_decode(decode, self._engine_device(model)),
         )
         self._lock = threading.Lock()
         #: Timings of the last request (for benchmarks and profiling); None before the first.
@@ -129,6 +143,30 @@ class TransformersModel(Model):
             threading.Thread(target=self._grammar_engine, name="mmagent-grammar", daemon=True).start()
         #: Attention implementation chosen at load time (None when built from objects).
         self.attn_implementation: str | None = getattr(config, "_attn_implementation", None)
+        if warmup and self.decode == "compiled":
+            self._warm_up()
+
+    @staticmethod
+    def _engine_device(model: Any) -> torch.device:
+        import torch
+
+        device = getattr(model, "device", None)
+        return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+    @property
+    def decode(self) -> str:
+        """The decode mode in use: `"eager"`, `"static"` or `"compiled"` (see the class docs)."""
+        return self._engine.decode
+
+    def _warm_up(self) -> None:
+        """Compile the decode step for the first cache bucket: a few greedy tokens after a short prompt."""
+        started = time.perf_counter()
+        print("mmagent: compiling the decode step (once per model load; about a minute on a GPU)...", file=sys.stderr)
+        prompt = self._format.build([Message.user("Hello")], (), ModelSettings())
+        with self._lock:
+            self._engine.generate(prompt, ModelSettings(max_tokens=4), 4)
+            self._engine.reset()
+        print(f"mmagent: decode step compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
     # ------------------------------------------------------------------ construction
 
@@ -149,6 +187,7 @@ class TransformersModel(Model):
         name: str | None = None,
         logits_processors: Sequence[LogitsProcessor] = (),
         constrained: bool = True,
+        decode: str = "auto",
     ) -> TransformersModel:
         """Load a model from the Hugging Face hub (or its cache) or a local folder.
 
@@ -168,6 +207,7 @@ class TransformersModel(Model):
             name: the model name reported in responses.
             logits_processors: see the class docs.
             constrained: grammar-constrained tool calls (see the class docs).
+            decode: `"auto"`, `"eager"`, `"static"` or `"compiled"` (see the class docs).
 
         Raises:
             ModelLoadError: weights missing (offline without a cache: the message says to pass a local
@@ -195,6 +235,7 @@ class TransformersModel(Model):
             logits_processors=logits_processors,
             adapters=sorted(loaded.adapters),
             constrained=constrained,
+            decode=decode,
         )
         instance.attn_implementation = loaded.attn_implementation
         return instance
@@ -224,7 +265,7 @@ class TransformersModel(Model):
     def reset_cache(self) -> None:
         """Forget the kept KV cache (the next request prefills everything)."""
         with self._lock:
-            self._engine.state.reset()
+            self._engine.reset()
 
     def render(self, messages: Sequence[Message], tools: Sequence[ToolDefinition] = ()) -> str:
         """The prompt text a request would run (media as one placeholder each), for inspection and golden files."""
