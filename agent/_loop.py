@@ -200,7 +200,16 @@ class Agent:
     def run_sync(self, prompt: str | Message, **kwargs: Any) -> RunResult:
         """`run` for code without an event loop."""
         _require_no_loop("run_sync")
-        return asyncio.run(self.run(prompt, **kwargs))
+        # The result leaves through `box`, not as the task's result: `asyncio.run` restores SIGINT through
+        # `signal.signal`, which formats the repr of its handler, a partial holding the finished task, result
+        # and all (a 200-step transcript took ~25% of the run to repr).
+        box: list[RunResult] = []
+
+        async def main() -> None:
+            box.append(await self.run(prompt, **kwargs))
+
+        asyncio.run(main())
+        return box[0]
 
     async def run_stream(
         self,

@@ -5,12 +5,14 @@ worker thread, as in production). An async-tool run is printed first for compari
 (no thread hand-off). Time spent inside the model function and the tool is measured and
 subtracted, so what remains is mmagent's own work: rendering events, validating arguments (jsonschema +
 Pydantic), dispatching the call, building result messages, bookkeeping. The same run is then repeated with
-a `memory.Store` on a temporary SQLite file (durable commits, as by default): every step's two phases
-committed as they complete.
+a `memory.Store` on a temporary SQLite file: every step's two phases committed as they complete. First with
+`Store(path)` as it comes, durable commits (`synchronous=FULL`: an fsync per commit, survives power loss),
+which is the figure on the last line; then with `durable=False` (`synchronous=NORMAL`: survives any process
+crash, kill -9 included, not power loss), printed for comparison.
 
 Usage: python benchmarks/overhead.py [--steps 200] [--repeat 5]
 Last line: overhead_us_per_step=<float> overhead_us_per_step_sqlite=<float>
-(each the median over steps of the fastest repeat)
+(each the median over steps of the fastest repeat; the SQLite figure for the default, durable store)
 """
 
 from __future__ import annotations
@@ -101,11 +103,14 @@ def main() -> None:
     print(f"async tool (no worker thread): median_us={min(statistics.median(r) for r in async_runs):.1f}")
     plain = _best(args, [_measure(args.steps) for _ in range(args.repeat)], "no memory")
     with tempfile.TemporaryDirectory() as folder:
-        stored = []
-        for i in range(args.repeat):
-            with Store(Path(folder) / f"run{i}.db") as store:
-                stored.append(_measure(args.steps, store=store))
-        sqlite = _best(args, stored, "SQLite store")
+        durable, normal = [], []
+        for i in range(args.repeat):  # the two settings alternate, so both see the same machine
+            with Store(Path(folder) / f"durable{i}.db") as store:  # the default: durable=True
+                durable.append(_measure(args.steps, store=store))
+            with Store(Path(folder) / f"normal{i}.db", durable=False) as store:
+                normal.append(_measure(args.steps, store=store))
+        sqlite = _best(args, durable, "SQLite store, default (durable=True, synchronous=FULL)")
+        _best(args, normal, "SQLite store, durable=False (synchronous=NORMAL)")
     print(f"overhead_us_per_step={plain:.1f} overhead_us_per_step_sqlite={sqlite:.1f}")
 
 

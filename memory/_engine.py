@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from agent.exceptions import StoreError, UserError
@@ -29,6 +30,17 @@ class Database:
     where: str  # for messages: a file path or the URL without its password
     path: Path | None  # the SQLite file, None for in-memory and server databases
     lock: AbstractContextManager[Any]  # serialises access to a single shared connection (in-memory SQLite)
+    # The engine with each kind of transaction's options set once (not on every connection: that costs a step).
+    _reader: Engine = field(init=False)
+    _writer: Engine = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._reader = self._writer = self.engine
+        if self.dialect == "sqlite":
+            self._reader = self.engine.execution_options(**{_BEGIN: "DEFERRED"})
+            self._writer = self.engine.execution_options(**{_BEGIN: "IMMEDIATE"})
+        elif self.dialect == "postgresql":
+            self._reader = self.engine.execution_options(isolation_level="REPEATABLE READ")
 
     @property
     def dialect(self) -> str:
@@ -41,13 +53,8 @@ class Database:
         REPEATABLE READ so a multi-statement read sees one snapshot."""
         with self.lock:
             try:
-                with self.engine.connect() as conn:
-                    if self.dialect == "sqlite":
-                        conn.execution_options(**{_BEGIN: "IMMEDIATE" if write else "DEFERRED"})
-                    elif self.dialect == "postgresql" and not write:
-                        conn.execution_options(isolation_level="REPEATABLE READ")
-                    with conn.begin():
-                        yield conn
+                with (self._writer if write else self._reader).connect() as conn, conn.begin():
+                    yield conn
             except OperationalError as exc:
                 raise StoreError(f"memory store {self.where}: {_reason(exc)}") from exc
             except SQLAlchemyError as exc:
@@ -119,4 +126,9 @@ def _configure_sqlite(engine: Engine, *, busy_timeout: float, durable: bool, wal
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get(_BEGIN, 'DEFERRED')}")
+        # Straight to the driver: SQLAlchemy's statement path would cost more than the BEGIN itself.
+        sql = f"BEGIN {conn.get_execution_options().get(_BEGIN, 'DEFERRED')}"
+        try:
+            conn.connection.driver_connection.execute(sql)  # type: ignore[union-attr]
+        except sqlite3.Error as exc:  # e.g. "database is locked" past the busy timeout
+            raise DBAPIError.instance(sql, (), exc, sqlite3.Error) from exc

@@ -15,10 +15,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, update
 
 from agent.exceptions import ConversationBusyError
 from memory import _schema as s
+from memory import _sql
 from memory._engine import Database
 
 _FIRST_POLL, _MAX_POLL = 0.005, 0.25  # seconds between tries for a busy conversation: doubling, capped
@@ -81,13 +82,7 @@ class Leases:
         if holder is not None:
             return None if run_id is not None and self.ours(row, run_id) else holder  # ours: the per-step path
         if since is not None and run_id is not None:
-            m = s.messages.c
-            other = conn.execute(
-                select(m.run_id)
-                .where(m.conversation_id == row.id, m.position >= since, m.run_id.is_distinct_from(run_id))
-                .order_by(m.position)
-                .limit(1)
-            ).first()
+            other = conn.execute(_sql.OTHER_WRITER, {"cid": row.id, "since": since, "run_id": run_id}).first()
             if other is not None:
                 who = f"run {other.run_id}" if other.run_id else "a message appended outside any run"
                 raise ConversationBusyError(

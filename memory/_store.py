@@ -19,7 +19,7 @@ from agent.exceptions import StoreError, UserError
 from agent.messages import AudioPart, ImagePart, Message, ToolResultPart, from_openai, to_openai
 from agent.models import Usage
 from agent.protocols import Phase, StartedRun, StoredRun
-from memory import _migrations, _search
+from memory import _migrations, _search, _sql
 from memory import _schema as s
 from memory._blobs import BlobFiles
 from memory._codec import Artifact, Encoded, decode, encode, media_part
@@ -44,8 +44,11 @@ def _chunks(items: Sequence[str], size: int = _CHUNK) -> Iterator[Sequence[str]]
         yield items[i : i + size]
 
 
+_USAGE_FIELDS = tuple(f.name for f in dataclasses.fields(Usage))
+
+
 def _usage_json(usage: Usage) -> dict[str, int]:
-    return {k: v for k, v in dataclasses.asdict(usage).items() if v}  # zeros left out: small rows
+    return {k: v for k in _USAGE_FIELDS if (v := getattr(usage, k))}  # zeros left out: small rows
 
 
 def _usage(data: Mapping[str, Any] | None) -> Usage:
@@ -233,17 +236,18 @@ class Store:
                 history = self._load(conn, cid)
             start = self._next_position(conn, cid)
             conn.execute(
-                insert(s.runs).values(
-                    id=run_id,
-                    conversation_id=cid,
-                    status="running",
-                    model_name=model_name,
-                    system_prompt=system_prompt,
-                    usage=_usage_json(Usage()),
-                    first_position=start,
-                    created_at=now,
-                    updated_at=now,
-                )
+                _sql.INSERT_RUN,
+                {
+                    "id": run_id,
+                    "conversation_id": cid,
+                    "status": "running",
+                    "model_name": model_name,
+                    "system_prompt": system_prompt,
+                    "usage": _usage_json(Usage()),
+                    "first_position": start,
+                    "created_at": now,
+                    "updated_at": now,
+                },
             )
             self._insert(conn, cid, start, encoded, now, run_id=run_id, lease=self._leases.values(run_id, now))
             return StartedRun(run_id=run_id, conversation_id=cid, history=history, lease_ttl=self.lease_ttl)
@@ -269,9 +273,7 @@ class Store:
             busy = self._leases.claim(conn, row, run_id, now, since=run.first_position)
             if busy is not None:
                 return busy
-            conn.execute(
-                update(s.conversations).where(s.conversations.c.id == cid).values(self._leases.values(run_id, now))
-            )
+            conn.execute(_sql.TOUCH, {"cid": cid, **self._leases.values(run_id, now)})
             return self._stored(conn, run, lease_ttl=self.lease_ttl)
 
         return self._leases.retry(self._database, attempt)
@@ -288,33 +290,40 @@ class Store:
             raise UserError(f"phase must be 'model' or 'tools', got {phase!r}")
         encoded = encode(messages, self.max_artifact_bytes)
         now = _now()
+        used = _usage_json(usage)
+        # Six statements, each built once (`_sql`), and those of `_put_artifacts` for new media: the run and its
+        # conversation's lease (locking it), the step (a taken key inserts nothing), the conversation's lease
+        # and `updated_at` (returning the next position), the messages, their parts, the run's usage.
         with self._database.transaction(write=True) as conn:
-            run = self._run_row(conn, run_id)
-            if run.status == "completed":
+            row = conn.execute(_sql.STEP_STATE, {"run_id": run_id}).first()
+            if row is None:
+                raise self._missing("run", run_id)
+            if row.status == "completed":
                 raise UserError(f"run {run_id} is already completed: it takes no more steps")
-            row = self._lock_conversation(conn, run.conversation_id)
-            busy = self._leases.claim(conn, row, run_id, now, since=run.first_position)
+            cid = row.id
+            busy = self._leases.claim(conn, row, run_id, now, since=row.first_position)
             if busy is not None:
-                raise self._leases.lost(run_id, run.conversation_id, busy)
-            done = conn.execute(
-                select(func.count())
-                .select_from(s.steps)
-                .where(s.steps.c.run_id == run_id, s.steps.c.step == step, s.steps.c.phase == phase)
-            ).scalar_one()
-            if done:
+                raise self._leases.lost(run_id, cid, busy)
+            if not _sql.insert_step(
+                conn, {"run_id": run_id, "step": step, "phase": phase, "usage": used, "committed_at": now}
+            ):
                 raise UserError(f"step {step} ({phase}) of run {run_id} is already committed")
+            touch = self._leases.values(run_id, now)
+            if encoded.roles:
+                touch["updated_at"] = now
+            start = _sql.touch(conn, cid, touch)
+            if encoded.roles:
+                self._insert_messages(conn, cid, start, encoded, now, run_id=run_id, step=step)
             conn.execute(
-                insert(s.steps).values(
-                    run_id=run_id, step=step, phase=phase, usage=_usage_json(usage), committed_at=now
-                )
-            )
-            start = self._next_position(conn, run.conversation_id)
-            lease = self._leases.values(run_id, now)
-            self._insert(conn, run.conversation_id, start, encoded, now, run_id=run_id, step=step, lease=lease)
-            conn.execute(
-                update(s.runs)
-                .where(s.runs.c.id == run_id)
-                .values(status="running", error=None, finished_at=None, usage=_usage_json(usage), updated_at=now)
+                _sql.UPDATE_RUN,
+                {
+                    "rid": run_id,
+                    "status": "running",
+                    "error": None,
+                    "finished_at": None,
+                    "usage": used,
+                    "updated_at": now,
+                },
             )
 
     def renew(self, run_id: str) -> None:
@@ -331,11 +340,7 @@ class Store:
             if not self._leases.ours(row, run_id):
                 raise self._leases.lost(run_id, run.conversation_id, self._leases.holding(row, now))
             self._leases.claim(conn, row, run_id, now, since=run.first_position)  # lapsed: nobody may have written
-            conn.execute(
-                update(s.conversations)
-                .where(s.conversations.c.id == run.conversation_id)
-                .values(self._leases.values(run_id, now))
-            )
+            conn.execute(_sql.TOUCH, {"cid": run.conversation_id, **self._leases.values(run_id, now)})
 
     def release(self, run_id: str) -> None:
         """Give up the run's lease, if this store holds it, without changing the run (it stays resumable).
@@ -361,9 +366,8 @@ class Store:
             if row.lease_run_id == run_id and not self._leases.ours(row, run_id) and self._leases.holding(row, now):
                 return
             conn.execute(
-                update(s.runs)
-                .where(s.runs.c.id == run_id)
-                .values(status=status, error=error, finished_at=now, updated_at=now)
+                _sql.UPDATE_RUN,
+                {"rid": run_id, "status": status, "error": error, "finished_at": now, "updated_at": now},
             )
             if row.lease_run_id == run_id:
                 self._leases.clear(conn, run.conversation_id, run_id, only_ours=False)
@@ -671,9 +675,7 @@ class Store:
     def _lock_conversation(self, conn: Connection, cid: str) -> Any:
         """Serialise writers of one conversation (row lock on PostgreSQL; SQLite already holds the write lock);
         return its id and lease."""
-        c = s.conversations.c
-        stmt = select(c.id, c.lease_run_id, c.lease_holder, c.lease_expires_at).where(c.id == cid).with_for_update()
-        row = conn.execute(stmt).first()
+        row = conn.execute(_sql.LOCK_CONVERSATION, {"cid": cid}).first()
         if row is None:
             raise self._missing("conversation", cid)
         return row
@@ -686,7 +688,7 @@ class Store:
             conn.execute(text(f"SELECT {fn}({_ARTIFACT_LOCK})"))
 
     def _run_row(self, conn: Connection, run_id: str) -> Any:
-        row = conn.execute(select(s.runs).where(s.runs.c.id == run_id)).first()
+        row = conn.execute(_sql.RUN, {"run_id": run_id}).first()
         if row is None:
             raise self._missing("run", run_id)
         return row
@@ -719,9 +721,7 @@ class Store:
         )
 
     def _next_position(self, conn: Connection, cid: str) -> int:
-        m = s.messages.c
-        last = conn.execute(select(func.max(m.position)).where(m.conversation_id == cid)).scalar_one()
-        return 0 if last is None else int(last) + 1
+        return int(conn.execute(_sql.NEXT_POSITION, {"cid": cid}).scalar_one())
 
     def _insert(
         self,
@@ -732,17 +732,16 @@ class Store:
         now: dt.datetime,
         *,
         run_id: str | None = None,
-        step: int | None = None,
         lease: Mapping[str, Any] | None = None,
     ) -> None:
         """Insert the messages from `start`, then touch the conversation: `updated_at`, and the `lease` columns
-        given, in one UPDATE (so renewing a lease with a step costs no statement of its own)."""
+        given, in one UPDATE (so taking a lease with the first messages costs no statement of its own)."""
         touch = dict(lease or {})
         if encoded.roles:
-            self._insert_messages(conn, cid, start, encoded, now, run_id=run_id, step=step)
+            self._insert_messages(conn, cid, start, encoded, now, run_id=run_id, step=None)
             touch["updated_at"] = now
         if touch:
-            conn.execute(update(s.conversations).where(s.conversations.c.id == cid).values(touch))
+            conn.execute(_sql.TOUCH, {"cid": cid, **touch})
 
     def _insert_messages(
         self,
@@ -767,14 +766,12 @@ class Store:
             }
             for i, role in enumerate(encoded.roles)
         ]
-        ids = (
-            conn.execute(insert(s.messages).returning(s.messages.c.id, sort_by_parameter_order=True), rows)
-            .scalars()
-            .all()
-        )
-        part_rows = [{**row, "message_id": mid} for mid, rows_ in zip(ids, encoded.parts, strict=True) for row in rows_]
+        conn.execute(_sql.INSERT_MESSAGES, rows)
+        part_rows = [
+            {**row, "cid": cid, "message_position": start + i} for i, rows_ in enumerate(encoded.parts) for row in rows_
+        ]
         if part_rows:
-            conn.execute(insert(s.parts), part_rows)
+            conn.execute(_sql.INSERT_PARTS, part_rows)
 
     def _put_artifacts(self, conn: Connection, artifacts: Mapping[str, Artifact], now: dt.datetime) -> None:
         if not artifacts:
