@@ -1,56 +1,131 @@
-"""GPU benchmark of the full-size Phi-4-multimodal architecture with random bf16 weights.
+"""Full-size Phi-4-multimodal (random bf16 weights) on CUDA, measured through the project's backend.
 
-Builds `Phi4MultimodalForCausalLM` (transformers' native port) from the full-size config directly on
-CUDA, then measures, at batch 1:
+Builds `Phi4MultimodalForCausalLM` (transformers' native port) from the full-size config directly on CUDA in
+bf16, with the real Phi-4 tokenizer, and measures `agent.models.transformers.TransformersModel.request` at
+batch 1, each figure beside the ceiling of the GPU it ran on. Random weights run at the real model's speed.
 
-a. prefill tokens/s at several prompt lengths;
-b. decode tokens/s through `generate()` (DynamicCache; StaticCache without compile; StaticCache with
-   transformers' automatic torch.compile, in a bounded subprocess; flash_attention_2 when installed);
-c. a 20-step agent-like run at 8K and 32K history, each step appending a ~100-300-token tool result and
-   decoding 32 tokens, with and without KV reuse (raw transformers; and through
-   `agent.models.transformers.TransformersModel` when that module imports).
+Decode modes (`--decode`): the backend's `decode=` keyword, `auto` (compiled on CUDA, eager on CPU), `eager`
+(DynamicCache), `static` (StaticCache, no compile), `compiled` (StaticCache + torch.compile of the decode step;
+CUDA graphs on CUDA). `all` (the default) measures `auto` and then `eager` in one run, each on its own backend
+over the same weights; the headline figures come from `auto`. Each mode starts with a warm-up request (the
+compiled path compiles and captures there) whose wall time is reported as `first_request_s`.
 
-Random weights run at the real model's speed. Figures are compared with the ceilings in DESIGN.md
-(~390 tok/s decode, ~100K tok/s prefill on an H100). The last line reads
-`decode_tok_s=<best decode variant> prefill_tok_s=<prefill at 8K> kv_reuse_speedup_8k=<raw run, wall time>`.
+Definitions (per mode; N = `--decode-tokens`, 128; every request through `await backend.request(...)`):
 
-Measured pitfall (H100, torch 2.11, 2026-11-23): SDPA dispatches to cuDNN attention, which spends ~1.4-1.8 ms
-of CPU per layer call on a sequence length it has not seen (about 1 s when it generates a new kernel). Eager
-decode then runs ~90-100 ms/token on fresh lengths and ~36-40 ms/token on lengths seen before, so whichever
-agent run goes first looks ~2x slower (`--order` swaps them). `--no-cudnn-sdpa` turns that backend off.
+1. Decode tok/s after a prompt of P tokens (1K and 32K): the cache is brought to the prompt by a request with
+   `max_tokens=1`, then the same prompt is requested with `max_tokens=N`. KV reuse makes that second request
+   prefill one token and decode N: decode tok/s = `output_tokens / GenerationStats.decode_seconds` (from
+   `backend.last_stats`). Its decode lengths (P+1..P+N) were never seen before, as in an agent (see the cuDNN
+   note); a warm-up request decodes a few tokens after a slightly shorter prompt first. The headline
+   `decode_tok_s` is the figure after the 1K prompt; the one after 32K is printed on its own line.
+2. Prefill tok/s of a fresh prompt of 8K and 32K tokens (cache reset, no reuse, `max_tokens=1`), after one
+   untimed request of the same length with other text: `prefill_tokens / (prefill_seconds + decode_seconds)`.
+   (The backend syncs the GPU before starting its decode clock, so `prefill_seconds` alone is the prefill; with one
+   output token the sum adds only that token's sampling, and keeps the figure honest on an older backend.) Both in the
+   JSON (`tok_s` and `tok_s_stats_prefill_only`). The headline `prefill_frac` is the 8K figure's.
+3. A 20-step agent run at 32K history: system + a `search` tool + a 32K-token user document. One request
+   (`max_tokens=32`) prefills and caches the history first (not a step). Then each step appends an assistant
+   tool call and a tool result of 100-300 tokens and requests `max_tokens=32` with KV reuse on (the default),
+   tools passed (decoding grammar-constrained, as in an agent). Step latency = wall time of the request
+   (prompt build and tokenization included). `step_ratio_32k` = latency of step 20 / latency of step 1,
+   where step 1 is the first step after the history is cached (target <= 1.2); the JSON also has the median
+   of steps 2..20 over step 1.
 
-Usage: `python benchmarks/phi4_gpu.py [--json results.json]`. Without CUDA it prints a skip message and
-exits 0. `--smoke` runs every code path on a tiny random model on the CPU (for checking the script).
+Every request decodes exactly its `max_tokens` (checked: `exact`): the language model's output rows for the
+control ids 199999..200063 are zeroed (random weights: their logits are 0, never the argmax of 200K random
+logits), so no stop token ends a turn. That avoids a logits processor, with which the engine copies the whole
+id list to the device at every step (~3 ms at 32K on a 2-core CPU), which the real path does not;
+`--ban processor` uses one instead (a processor setting those ids' scores to -inf).
+
+Ceilings, computed on the device the run uses:
+- decode: measured copy bandwidth (a 4 GiB device-to-device copy, bytes read + written per second) / bytes read
+  per token = the text decoder's weights (its 32 layers, the final norm and the lm_head matrix, which is tied to
+  the embedding and read whole; not the one embedding row, not the vision/audio encoders) + the KV cache at
+  the mean context of the decode (2 x layers x KV heads x head dim x 2 bytes per token). `decode_frac` uses it.
+- prefill: a timed 8192^3 bf16 matmul gives achievable FLOP/s (the nominal dense bf16 figure is printed when
+  the device name is known, e.g. H100 SXM / H200 ~989 TFLOP/s) / FLOPs per token = 2 x the decoder layers'
+  matrix parameters (lm_head runs on the last position only) + causal attention 2 x layers x heads x head dim
+  x P (QK^T and AV over P/2 keys on average): ~8.1 GFLOP at 8K, ~12.9 at 32K (DESIGN.md's ~7.6 counts 2 x
+  3.8B parameters and no attention).
+
+Pitfall measured on an H100 (torch 2.11, 2026-11-23): SDPA dispatches to cuDNN attention, which spends ~1.4-1.8
+ms of CPU per layer call on a sequence length it has not seen (about 1 s when it generates a new kernel).
+Eager decode then runs ~90-100 ms/token on fresh lengths and ~36-40 ms/token on lengths seen before, so
+whichever run goes first on a length looks slower. The timed prefills follow a request of the same length
+for that reason; the timed decodes are on fresh lengths, as an agent's are. `--no-cudnn-sdpa` turns that
+backend off.
+
+Usage: `python benchmarks/phi4_gpu.py [--json results.json] [--decode all]`. Without CUDA (and without
+`--smoke`) it prints a skip message and exits 0. `--smoke` runs every code path on a tiny random model (CPU
+when there is no GPU) with short lengths (64/256-token prompts, 3 agent steps); its fractions are against
+the CPU's "ceilings" and mean nothing. Parts are bounded by `--budget-s` (a part that would start later is
+skipped), progress lines are flushed, and the JSON is rewritten after every part, so a timeout still leaves
+figures. Last line: `decode_tok_s=<float> decode_frac=<float> prefill_frac=<float> step_ratio_32k=<float>`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
+import gc
+import inspect
 import json
+import math
 import os
 import random
 import statistics
-import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-DECODE_CEILING = 390.0  # tok/s, batch 1, H100 (DESIGN.md "Physical limits")
-PREFILL_CEILING = 100_000.0  # tok/s, H100
-LONGROPE_SWITCH = 4096  # original_max_position_embeddings: a cache must not cross it
-COMPILE_TIMEOUT_S = 240
+sys.path.insert(0, str(ROOT))
+
+CONTROL_IDS = (199999, 200064)  # <|endoftext|> .. the last added token: a slice of the lm_head rows
+NOMINAL_BF16_FLOPS = (  # dense, no sparsity; the first name found in the device name wins
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("B200", 2250e12),
+)
 _WORDS_TEXT = (
     "agent tool result search query page image audio model token cache memory store context budget answer "
     "city river north south data value error retry call json list object field schema table row column "
     "weather price report summary source link title date year month week day hour minute second number "
     "alpha beta gamma delta first second third last next previous open close read write update delete"
 )
-WORDS = _WORDS_TEXT.split()
+SYSTEM = "You are a research agent."
+SEARCH_TOOL = {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Lengths and sizes of one run (full size on the GPU, small for `--smoke`)."""
+
+    decode_prompts: tuple[int, int]  # (short: the headline, long)
+    prefill_prompts: tuple[int, int]  # (short: the headline, long)
+    decode_tokens: int
+    warm_tokens: int
+    history: int
+    steps: int
+    step_tokens: int
+    result_tokens: tuple[int, int]
+    prefill_reps: int
+    reference_tokens: int
+
+
+FULL = Plan((1024, 32768), (8192, 32768), 128, 16, 32768, 20, 32, (100, 300), 2, 64)
+SMOKE = Plan((64, 256), (128, 256), 8, 4, 256, 3, 8, (20, 60), 1, 8)
+
+
+# ---------------------------------------------------------------------------------------------- setup
 
 
 def _find(*candidates: Path) -> Path:
@@ -60,13 +135,10 @@ def _find(*candidates: Path) -> Path:
     raise SystemExit(f"none of these exists: {', '.join(map(str, candidates))}")
 
 
-def _default_paths() -> tuple[Path, Path]:
-    config = _find(ROOT / ".device/phi4mm/native-config", ROOT.parent / "shared/phi4mm/native-config")
-    tokenizer = _find(ROOT / ".device/phi4mm/tokenizer", ROOT.parent / "shared/phi4mm/tokenizer")
-    return config, tokenizer
-
-
-# ---------------------------------------------------------------------------------------------- setup
+def _paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    config = args.config or _find(ROOT / ".device/phi4mm/native-config", ROOT.parent / "shared/phi4mm/native-config")
+    tokenizer = args.tokenizer or _find(ROOT / ".device/phi4mm/tokenizer", ROOT.parent / "shared/phi4mm/tokenizer")
+    return Path(config), Path(tokenizer)
 
 
 def _tiny_config_dict(full: dict[str, Any]) -> dict[str, Any]:
@@ -106,6 +178,20 @@ def build_model(config_dir: Path, attn: str, device: str, smoke: bool) -> Any:
     return model.eval()
 
 
+def silence_control_ids(model: Any) -> None:
+    """Zero the output rows of the control ids: their logits become 0, never the argmax of random logits."""
+    import torch
+
+    with torch.no_grad():
+        model.lm_head.weight[CONTROL_IDS[0] : CONTROL_IDS[1]] = 0
+
+
+def ban_control_ids(input_ids: Any, scores: Any) -> Any:
+    """The logits-processor alternative (`--ban processor`)."""
+    scores[..., CONTROL_IDS[0] : CONTROL_IDS[1]] = float("-inf")
+    return scores
+
+
 def _sync() -> None:
     import torch
 
@@ -113,376 +199,455 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], Any]) -> float:
-    """Seconds for `fn()` with the device drained before and after (CUDA events when on a GPU)."""
+def _timed(fn: Callable[[], Any], reps: int) -> float:
+    """Median seconds of `fn()` over `reps`, the device drained around each (CUDA events on a GPU)."""
     import torch
 
-    if not torch.cuda.is_available():
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1000.0
-
-
-def median_time(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    return statistics.median(timed(fn) for _ in range(reps))
-
-
-def _text(rng: random.Random, n_words: int) -> str:
-    return " ".join(
-        rng.choice(WORDS) + (str(rng.randint(0, 999)) if rng.random() < 0.1 else "") for _ in range(n_words)
-    )
-
-
-def _ids(tok: Any, text: str) -> list[int]:
-    return list(tok(text, add_special_tokens=False)["input_ids"])
-
-
-def make_history(tok: Any, n_tokens: int, rng: random.Random) -> list[int]:
-    """A Phi-4 chat prompt (system + tools + one long user document) of exactly `n_tokens` tokens."""
-    head = _ids(tok, '<|system|>You are a research agent.<|tool|>[{"name": "search", "description": "Search the web"}]')
-    head += _ids(tok, "<|/tool|><|end|><|user|>Read this document and answer with tool calls: ")
-    tail = _ids(tok, "<|end|><|assistant|>")
-    body: list[int] = []
-    need = n_tokens - len(head) - len(tail)
-    while len(body) < need:
-        body += _ids(tok, _text(rng, 2000) + " ")
-    return head + body[:need] + tail
-
-
-def make_tool_results(tok: Any, steps: int, rng: random.Random) -> list[list[int]]:
-    """Per step: end of the assistant turn, a JSON tool result of 100-300 tokens in all, a new assistant turn."""
-    out = []
-    for i in range(steps):
-        target = rng.randint(100, 300)
-        pre = _ids(tok, "<|end|><|tool_response|>")
-        post = _ids(tok, "<|end|><|assistant|>")
-        body = _ids(tok, json.dumps({"step": i, "results": [_text(rng, 40) for _ in range(8)]}))
-        out.append(pre + body[: target - len(pre) - len(post)] + post)
-    return out
-
-
-# ------------------------------------------------------------------------------------------ measures
-
-
-def bench_prefill(model: Any, tok_ids: list[int], lengths: list[int], reps: int) -> list[dict[str, Any]]:
-    import torch
-    from transformers import DynamicCache
-
-    rows = []
-    for n in lengths:
-        ids = torch.tensor([tok_ids[:n]], device=model.device)
-
-        def run(ids: Any = ids) -> None:
-            model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
-
-        t = median_time(run, reps)
-        rows.append({"tokens": n, "seconds": t, "tok_s": n / t, "frac_ceiling": n / t / PREFILL_CEILING})
-        print(f"  prefill {n:>6} tokens: {t * 1000:8.1f} ms  {n / t:9.0f} tok/s", flush=True)
-        del ids
+    times = []
+    for _ in range(reps):
         if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return rows
-
-
-def bench_decode(model: Any, prompt: list[int], n_new: int, reps: int, **gen_kwargs: Any) -> dict[str, Any]:
-    """Decode rate = n_new / (T(generate n_new+1) - T(generate 1)): the prefill cancels out."""
-    import torch
-
-    ids = torch.tensor([prompt], device=model.device)
-    mask = torch.ones_like(ids)
-
-    def gen(n: int) -> Any:
-        return model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, **gen_kwargs
-        )
-
-    t0 = time.perf_counter()
-    out = gen(n_new + 1)  # warm-up (and compilation, when on)
-    _sync()
-    first_call_s = time.perf_counter() - t0
-    assert out.shape[1] == ids.shape[1] + n_new + 1, out.shape
-    t_one = median_time(lambda: gen(1), reps)
-    t_all = median_time(lambda: gen(n_new + 1), reps, warmup=0)
-    rate = n_new / (t_all - t_one)
-    return {
-        "prompt": len(prompt),
-        "new_tokens": n_new,
-        "first_call_s": first_call_s,
-        "generate_s": t_all,
-        "prefill_plus_one_s": t_one,
-        "tok_s": rate,
-        "ms_per_token": 1000 / rate,
-        "frac_ceiling": rate / DECODE_CEILING,
-    }
-
-
-def agent_run_raw(
-    model: Any, history: list[int], results: list[list[int]], decode_n: int, reuse: bool
-) -> dict[str, Any]:
-    """Steps of (append tool result, decode `decode_n` greedy tokens); prefill all or only the new tokens."""
-    import torch
-    from transformers import DynamicCache
-
-    assert len(history) > LONGROPE_SWITCH, "history must start above the longrope switch (DESIGN.md pitfall 1)"
-    dev = model.device
-    ids = list(history)
-    cache: Any = None
-    pending: list[int] = []  # tokens of `ids` that the cache does not hold yet
-    prefill_tokens = prefill_s = 0.0
-    generated: list[list[int]] = []
-    step_prefill_ms: list[float] = []
-    step_decode_ms: list[float] = []
-    retries0 = _alloc_retries()
-    _sync()
-    t_start = time.perf_counter()
-    for result in results:
-        ids.extend(result)
-        if reuse and cache is not None:
-            chunk = pending + result
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000.0)
         else:
-            cache, chunk = DynamicCache(config=model.config), ids
-        if reuse:
-            assert cache.get_seq_length() + len(chunk) == len(ids)
-        t0 = time.perf_counter()
-        out = model(
-            input_ids=torch.tensor([chunk], device=dev), past_key_values=cache, use_cache=True, logits_to_keep=1
-        )
-        nxt = out.logits[:, -1].argmax(-1)
-        _sync()
-        t1 = time.perf_counter()
-        prefill_s += t1 - t0
-        step_prefill_ms.append(round((t1 - t0) * 1000, 1))
-        prefill_tokens += len(chunk)
-        toks = [nxt]
-        for _ in range(decode_n - 1):
-            out = model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            nxt = out.logits[:, -1].argmax(-1)
-            toks.append(nxt)
-        new = torch.cat(toks).tolist()
-        step_decode_ms.append(round((time.perf_counter() - t1) * 1000, 1))
-        generated.append(new)
-        ids.extend(new)
-        pending = [new[-1]]
-    _sync()
-    wall = time.perf_counter() - t_start
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class Clock:
+    """Seconds since start, and whether a part may still start within the budget."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.t0 = time.perf_counter()
+        self.budget_s = budget_s
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        return self.budget_s - self.now()
+
+    def say(self, text: str) -> None:
+        print(f"[{self.now():6.1f} s] {text}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ ceilings
+
+
+def _copy_seconds(n_bytes: int, device: str) -> float:
+    """Median seconds of one copy of `n_bytes` within the device."""
+    import torch
+
+    x = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    return _timed(lambda: y.copy_(x), 8)
+
+
+def _matmul_seconds(size: int, dtype: Any, device: str, reps: int = 10) -> float:
+    """Seconds of one `size`^3 matmul (median of 3 runs of `reps` back to back)."""
+    import torch
+
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    return _timed(lambda: [a @ b for _ in range(reps)], 3) / reps
+
+
+def measure_ceilings(model: Any, device: str, smoke: bool) -> dict[str, Any]:
+    """Copy bandwidth and matmul FLOP/s of the device, and the model's bytes and FLOPs per token."""
+    import torch
+
+    n_bytes = (256 if smoke or device == "cpu" else 4096) * 2**20
+    copy_s = _copy_seconds(n_bytes, device)
+    size = 512 if device == "cpu" else 8192
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    mm_s = _matmul_seconds(size, dtype, device)
+    if device != "cpu":
+        torch.cuda.empty_cache()
+    name = torch.cuda.get_device_name() if device != "cpu" else "cpu"
+    nominal = next((flops for key, flops in NOMINAL_BF16_FLOPS if key in name), None)
+
+    config = model.config
+    seen: dict[int, int] = {}
+    for module in (model.model.layers, model.model.norm, model.lm_head):
+        for p in module.parameters():
+            seen[p.data_ptr()] = p.numel() * p.element_size()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = next(model.parameters()).element_size()
     return {
-        "steps": len(results),
-        "start_tokens": len(history),
-        "final_tokens": len(ids),
-        "prefill_tokens": int(prefill_tokens),
-        "wall_s": wall,
-        "prefill_s": prefill_s,
-        "decode_s": wall - prefill_s,
-        "step_prefill_ms": step_prefill_ms,
-        "step_decode_ms": step_decode_ms,
-        "alloc_retries": _alloc_retries() - retries0,
-        "_generated": generated,
+        "device": name,
+        "copy_bytes": 2 * n_bytes,
+        "copy_bandwidth_Bps": 2 * n_bytes / copy_s,
+        "matmul": f"{size}^3 {str(dtype).removeprefix('torch.')}",
+        "matmul_flops": 2 * size**3 / mm_s,
+        "nominal_bf16_flops": nominal,
+        "decoder_weight_bytes": sum(seen.values()),
+        "kv_bytes_per_token": 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element,
+        "layer_matrix_params": sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2),
+        "attention_width": config.num_attention_heads * head_dim,
+        "layers": config.num_hidden_layers,
     }
 
 
-def _alloc_retries() -> int:
-    import torch
-
-    return int(torch.cuda.memory_stats().get("num_alloc_retries", 0)) if torch.cuda.is_available() else 0
-
-
-def reuse_logit_check(model: Any, history: list[int], result: list[int]) -> dict[str, Any]:
-    """Last-position logits of history+result: cached history + prefill of `result` vs one full prefill."""
-    import torch
-    from transformers import DynamicCache
-
-    dev = model.device
-    cache = DynamicCache(config=model.config)
-    model(input_ids=torch.tensor([history], device=dev), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    a = model(input_ids=torch.tensor([result], device=dev), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    full = torch.tensor([history + result], device=dev)
-    b = model(input_ids=full, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
-    la, lb = a.logits[0, -1].double(), b.logits[0, -1].double()
-    top_a, top_b = la.topk(5).indices.tolist(), lb.topk(5).indices.tolist()
-    return {
-        "rel_l2": float((la - lb).norm() / lb.norm()),
-        "max_abs": float((la - lb).abs().max()),
-        "logit_std": float(lb.std()),
-        "top1_equal": top_a[0] == top_b[0],
-        "top5_overlap": len(set(top_a) & set(top_b)),
-    }
+def decode_ceiling(c: dict[str, Any], context: float) -> float:
+    """Tokens/s if every decoded token read the decoder weights and the KV cache at `context` once."""
+    return float(c["copy_bandwidth_Bps"] / (c["decoder_weight_bytes"] + c["kv_bytes_per_token"] * context))
 
 
-def profile_decode(model: Any, history: list[int], result: list[int], n: int = 8) -> None:
-    """Print where time goes: `n` decode steps after a full prefill vs after cached history + chunk."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-    from transformers import DynamicCache
-
-    dev = model.device
-    for label in ("after full prefill", "after cached history + chunk prefill"):
-        cache = DynamicCache(config=model.config)
-        if label.startswith("after full"):
-            out = model(input_ids=torch.tensor([history + result], device=dev), past_key_values=cache, use_cache=True)
-        else:
-            model(input_ids=torch.tensor([history], device=dev), past_key_values=cache, use_cache=True)
-            out = model(input_ids=torch.tensor([result], device=dev), past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1].argmax(-1)
-        del out
-        _sync()
-        t0 = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(n):
-                nxt = model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
-            _sync()
-        ms = (time.perf_counter() - t0) * 1000 / n
-        print(f"--- profile: {n} decode steps {label}: {ms:.1f} ms/step (profiled)")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=8, max_name_column_width=60))
-        # chunk prefill on the cache just built
-        chunk = torch.tensor([result[:200]], device=dev)
-        _sync()
-        t0 = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            _sync()
-        print(f"--- profile: one 200-token chunk prefill {label}: {(time.perf_counter() - t0) * 1000:.1f} ms")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=60))
-        del cache
+def prefill_flops_per_token(c: dict[str, Any], prompt: int) -> float:
+    return float(2 * c["layer_matrix_params"] + 2 * c["layers"] * c["attention_width"] * prompt)
 
 
-def agent_run_backend(
-    model: Any, tok: Any, history_tokens: int, steps: int, kv_reuse: bool, force_crop: bool = False
-) -> dict[str, Any]:
-    """The same kind of run through the project's `TransformersModel` (messages in, `ModelResponse` out)."""
-    from agent.messages import Message, TextPart, ToolCallPart, ToolDefinition, ToolResultPart
-    from agent.models import ModelSettings
-    from agent.models.transformers import TransformersModel
+def prefill_ceiling(c: dict[str, Any], prompt: int) -> float:
+    return float(c["matmul_flops"] / prefill_flops_per_token(c, prompt))
 
-    rng = random.Random(7)
 
-    def no_stop(input_ids: Any, scores: Any) -> Any:
-        scores[..., 199999:200064] = float("-inf")  # control/tool ids: decode exactly max_tokens, as the raw run
-        return scores
+# ------------------------------------------------------------------------------------------- prompts
 
-    backend = TransformersModel(model, tok, kv_reuse=kv_reuse, logits_processors=[no_stop])
-    if force_crop:  # diagnostic: let the engine crop its sliding-window cache (window 262144 > any length here)
-        backend._engine.crop_limit = None
-    tools = [ToolDefinition(name="search", description="Search the web", parameters={"type": "object"})]
-    doc = _text(rng, int(history_tokens * 0.9))
-    doc_ids = _ids(tok, doc)[: history_tokens - 60]
-    messages = [Message.system("You are a research agent."), Message.user(tok.decode(doc_ids))]
-    settings = ModelSettings(max_tokens=32)
 
-    async def go() -> dict[str, Any]:
-        prefill = inputs = outputs = 0
-        per_step = []
-        _sync()
-        t0 = time.perf_counter()
-        for i in range(steps):
-            response = await backend.request(messages, tools, settings)
-            prefill += response.usage.prefill_tokens
-            inputs += response.usage.input_tokens
-            per_step.append(response.usage.prefill_tokens)
-            outputs += response.usage.output_tokens
-            if i == 0:
-                assert response.usage.input_tokens > LONGROPE_SWITCH, response.usage
-            call = ToolCallPart(id=f"call_{i}", name="search", arguments={"query": _text(rng, 4)})
-            result = json.dumps({"results": [_text(rng, 6) for _ in range(rng.randint(4, 14))]})
-            messages.append(Message.assistant(tool_calls=[call]))
-            messages.append(
-                Message(
-                    role="tool",
-                    parts=(ToolResultPart(call_id=call.id, name="search", content=(TextPart(text=result),)),),
-                )
-            )
-        _sync()
-        return {
-            "steps": steps,
-            "kv_reuse": kv_reuse,
-            "wall_s": time.perf_counter() - t0,
-            "prefill_tokens": prefill,
-            "input_tokens": inputs,
-            "output_tokens": outputs,
-            "prefill_per_step": per_step,
-        }
+class Prompts:
+    """Chat histories whose rendered prompt has an exact token count (words that are one token each)."""
 
-    return asyncio.run(go())
+    def __init__(self, backend: Any, tok: Any) -> None:
+        self.backend = backend
+        self.words = [w for w in _WORDS_TEXT.split() if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1]
+
+    def text(self, rng: random.Random, n_words: int) -> str:
+        return "".join(" " + rng.choice(self.words) for _ in range(n_words))
+
+    def document(self, n_tokens: int, seed: int, tools: Sequence[Any] = ()) -> list[Any]:
+        """[system, user(document)] rendering to exactly `n_tokens` (or the nearest count found)."""
+        from agent.messages import Message
+
+        pool = self.text(random.Random(seed), n_tokens).split(" ")[1:]
+
+        def messages(k: int) -> list[Any]:
+            doc = "".join(" " + w for w in pool[: max(k, 0)])
+            return [Message.system(SYSTEM), Message.user("Read this document and answer with tool calls:" + doc)]
+
+        k = n_tokens - self.backend.count_tokens(messages(0), tools)
+        for _ in range(6):
+            got = self.backend.count_tokens(messages(k), tools)
+            if got == n_tokens:
+                break
+            k += n_tokens - got
+        return messages(k)
 
 
 # --------------------------------------------------------------------------------------------- parts
 
 
-def part_compile(args: argparse.Namespace) -> dict[str, Any]:
-    """StaticCache + transformers' automatic torch.compile in generate() (run in its own process)."""
-    config_dir, _ = _paths(args)
-    model = build_model(config_dir, "sdpa", args.device, args.smoke)
-    prompt = list(range(1000, 1000 + args.decode_prompt))
-    res = bench_decode(model, prompt, args.decode_new, args.reps, cache_implementation="static")
-    res["variant"] = "sdpa static + torch.compile (generate auto-compile, reduce-overhead)"
+def make_backend(model: Any, tok: Any, mode: str, ban: str) -> Any:
+    """A `TransformersModel` for `mode`, its grammar engine built (not building beside the timed requests)."""
+    from agent.models.transformers import TransformersModel
+
+    kwargs: dict[str, Any] = {"kv_reuse": True, "name": "phi4mm-random"}
+    if ban == "processor":
+        kwargs["logits_processors"] = [ban_control_ids]
+    if "decode" in inspect.signature(TransformersModel.__init__).parameters:
+        kwargs["decode"] = mode
+    elif mode != "eager":
+        raise RuntimeError("TransformersModel has no decode= keyword yet: only today's eager path runs")
+    backend = TransformersModel(model, tok, **kwargs)
+    for thread in threading.enumerate():
+        if thread.name == "mmagent-grammar":
+            thread.join(timeout=180)
+    return backend
+
+
+async def _request(backend: Any, messages: list[Any], max_tokens: int, tools: Sequence[Any] = ()) -> dict[str, Any]:
+    from agent.models import ModelSettings
+
+    t0 = time.perf_counter()
+    response = await backend.request(messages, list(tools), ModelSettings(max_tokens=max_tokens))
+    _sync()
+    wall = time.perf_counter() - t0
+    stats = backend.last_stats
+    return {
+        "wall_s": wall,
+        "prefill_s": stats.prefill_seconds,
+        "decode_s": stats.decode_seconds,
+        "input_tokens": response.usage.input_tokens,
+        "prefill_tokens": response.usage.prefill_tokens,
+        "output_tokens": response.usage.output_tokens,
+        "forward_passes": stats.forward_passes,
+        "exact": response.usage.output_tokens == max_tokens,
+        "_response": response,
+    }
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if not k.startswith("_")}
+
+
+async def bench_decode(backend: Any, prompts: Prompts, plan: Plan, length: int, c: dict[str, Any]) -> dict[str, Any]:
+    """Decode N tokens after a cached prompt of `length` (see the module docs, 1.)."""
+    backend.reset_cache()
+    warm_len = length - min(200, length // 4)
+    warm = await _request(backend, prompts.document(warm_len, seed=length + 1), plan.warm_tokens)
+    messages = prompts.document(length, seed=length + 2)
+    backend.reset_cache()
+    await _request(backend, messages, 1)
+    row = await _request(backend, messages, plan.decode_tokens)
+    rate = row["output_tokens"] / row["decode_s"]
+    context = row["input_tokens"] + plan.decode_tokens / 2
+    ceiling = decode_ceiling(c, context)
+    weights_only = c["copy_bandwidth_Bps"] / c["decoder_weight_bytes"]
+    return {
+        **_public(row),
+        "warm_up_wall_s": warm["wall_s"],
+        "tok_s": rate,
+        "ms_per_token": 1000 / rate,
+        "ceiling_tok_s": ceiling,
+        "frac": rate / ceiling,
+        "frac_weights_only": rate / weights_only,
+    }
+
+
+async def bench_prefill(backend: Any, prompts: Prompts, plan: Plan, length: int, c: dict[str, Any]) -> dict[str, Any]:
+    """Prefill of a fresh prompt of `length` (see the module docs, 2.)."""
+    backend.reset_cache()
+    await _request(backend, prompts.document(length, seed=length + 3), 1)
+    rows = []
+    for rep in range(plan.prefill_reps):
+        backend.reset_cache()
+        rows.append(await _request(backend, prompts.document(length, seed=length + 4 + rep), 1))
+    row = sorted(rows, key=lambda r: r["prefill_s"] + r["decode_s"])[len(rows) // 2]
+    seconds = row["prefill_s"] + row["decode_s"]
+    rate = row["prefill_tokens"] / seconds
+    ceiling = prefill_ceiling(c, row["prefill_tokens"])
+    out = {
+        **_public(row),
+        "reps": len(rows),
+        "tok_s": rate,
+        "tok_s_stats_prefill_only": row["prefill_tokens"] / row["prefill_s"],
+        "flops_per_token": prefill_flops_per_token(c, row["prefill_tokens"]),
+        "ceiling_tok_s": ceiling,
+        "frac": rate / ceiling,
+    }
+    if c["nominal_bf16_flops"]:
+        out["frac_nominal"] = rate * out["flops_per_token"] / c["nominal_bf16_flops"]
+    return out
+
+
+async def agent_run(
+    backend: Any, prompts: Prompts, plan: Plan, clock: Clock, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """The 20-step run at 32K history (see the module docs, 3.)."""
+    from agent.messages import Message, TextPart, ToolCallPart, ToolDefinition, ToolResultPart
+
+    tools = [ToolDefinition(name="search", description="Search the web", parameters=SEARCH_TOOL)]
+    rng = random.Random(7)
+    messages = prompts.document(plan.history, seed=11, tools=tools)
+    backend.reset_cache()
+    first = await _request(backend, messages, plan.step_tokens, tools)
+    steps: list[dict[str, Any]] = []
+    for i in range(plan.steps):
+        if clock.left() < 5:
+            say(f"agent run stopped after {i} steps: time budget")
+            break
+        call = ToolCallPart(id=f"call_{i}", name="search", arguments={"query": prompts.text(rng, 4).strip()})
+        n_words = rng.randint(*plan.result_tokens) - 12
+        result = json.dumps({"step": i, "results": [prompts.text(rng, n_words // 4).strip() for _ in range(4)]})
+        messages.append(Message.assistant(tool_calls=[call]))
+        tool_part = ToolResultPart(call_id=call.id, name="search", content=(TextPart(text=result),))
+        messages.append(Message(role="tool", parts=(tool_part,)))
+        row = _public(await _request(backend, messages, plan.step_tokens, tools))
+        row["other_s"] = row["wall_s"] - row["prefill_s"] - row["decode_s"]
+        steps.append(row)
+    lat = [s["wall_s"] for s in steps]
+    out: dict[str, Any] = {
+        "history_tokens": first["input_tokens"],
+        "history_request": _public(first),
+        "steps_done": len(steps),
+        "step_latency_s": lat,
+        "step_prefill_tokens": [s["prefill_tokens"] for s in steps],
+        "all_exact": all(s["exact"] for s in steps),
+        "steps": steps,
+    }
+    if lat:
+        out["step_ratio"] = lat[-1] / lat[0]
+        out["step_ratio_definition"] = f"latency of step {len(lat)} / latency of step 1"
+        out["median_later_over_first"] = statistics.median(lat[1:] or lat) / lat[0]
+        out["final_tokens"] = steps[-1]["input_tokens"]
+    return out
+
+
+def reference_generate(model: Any, prompt_len: int, n: int) -> dict[str, Any]:
+    """Raw transformers `generate()` (DynamicCache, greedy): n / (T(n+1 tokens) - T(1 token)), for reference."""
+    import torch
+
+    ids = torch.arange(1000, 1000 + prompt_len, device=model.device)[None]
+
+    def gen(k: int) -> None:
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k)
+
+    gen(2)
+    t_one = _timed(lambda: gen(1), 1)
+    t_all = _timed(lambda: gen(n + 1), 1)
+    return {"prompt": prompt_len, "new_tokens": n, "tok_s": n / (t_all - t_one)}
+
+
+async def bench_mode(
+    model: Any, tok: Any, mode: str, args: argparse.Namespace, plan: Plan, c: dict[str, Any], clock: Clock, save: Any
+) -> dict[str, Any]:
+    """All backend figures for one decode mode; each part bounded by the clock and saved as it ends."""
+    res: dict[str, Any] = {}
+    say = lambda text: clock.say(f"{mode}: {text}")  # noqa: E731
+    try:
+        t0 = time.perf_counter()
+        backend = make_backend(model, tok, mode, args.ban)
+        prompts = Prompts(backend, tok)
+        res["backend_build_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        await _request(backend, prompts.document(plan.decode_prompts[0] // 2, seed=1), plan.warm_tokens)
+        res["first_request_s"] = time.perf_counter() - t0
+        say(f"backend built, first request {res['first_request_s']:.2f} s (compile/capture when compiled)")
+    except Exception as exc:
+        res["error"] = f"{type(exc).__name__}: {exc}"[:800]
+        say(f"cannot run: {res['error']}")
+        return res
+    short_d, long_d = plan.decode_prompts
+    short_p, long_p = plan.prefill_prompts
+    parts: list[tuple[str, Any, int]] = [
+        (f"decode_{short_d}", bench_decode, short_d),
+        (f"prefill_{short_p}", bench_prefill, short_p),
+        (f"prefill_{long_p}", bench_prefill, long_p),
+        (f"decode_{long_d}", bench_decode, long_d),
+    ]
+    for key, fn, length in parts:
+        if clock.left() < 20:
+            res[key] = {"error": "skipped: time budget"}
+            say(f"{key} skipped (time budget)")
+            continue
+        try:
+            res[key] = await fn(backend, prompts, plan, length, c)
+            r = res[key]
+            say(
+                f"{key}: {r['tok_s']:10.1f} tok/s  {r['frac']:.3f} of {r['ceiling_tok_s']:.0f} "
+                f"(in {r['input_tokens']} prefilled {r['prefill_tokens']} out {r['output_tokens']} exact {r['exact']})"
+            )
+        except Exception as exc:
+            res[key] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
+            say(f"{key} failed: {res[key]['error']}")
+        save()
+    if clock.left() < 30:
+        res["agent"] = {"error": "skipped: time budget"}
+    else:
+        try:
+            res["agent"] = await agent_run(backend, prompts, plan, clock, say)
+            a = res["agent"]
+            lat = ", ".join(f"{x * 1000:.0f}" for x in a["step_latency_s"])
+            say(f"agent run from {a['history_tokens']} tokens, step latencies ms: {lat}")
+        except Exception as exc:
+            res["agent"] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
+            say(f"agent run failed: {res['agent']['error']}")
+    save()
+    backend.reset_cache()
+    del backend, prompts
+    gc.collect()
+    if args.device != "cpu":
+        import torch
+
+        torch.cuda.empty_cache()
     return res
 
 
-def _paths(args: argparse.Namespace) -> tuple[Path, Path]:
-    config, tok = _default_paths()
-    return Path(args.config) if args.config else config, Path(args.tokenizer) if args.tokenizer else tok
+# -------------------------------------------------------------------------------------------- report
 
 
-def _run_compile_subprocess(args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--part", "compile", "--device", args.device]
-    cmd += ["--decode-prompt", str(args.decode_prompt), "--decode-new", str(args.decode_new), "--reps", str(args.reps)]
-    cmd += ["--smoke"] if args.smoke else []
-    cmd += ["--no-cudnn-sdpa"] if args.no_cudnn_sdpa else []
-    if args.config:
-        cmd += ["--config", args.config]
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.compile_timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.compile_timeout} s (build + compile + timing)"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("COMPILE_RESULT "):
-            res: dict[str, Any] = json.loads(line[len("COMPILE_RESULT ") :])
-            res["subprocess_s"] = time.perf_counter() - t0
-            return res
-    return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-1500:]}"}
+def _figure(results: dict[str, Any], mode: str, key: str, field: str) -> float:
+    value = results["modes"].get(mode, {}).get(key, {}).get(field)
+    return float(value) if isinstance(value, int | float) else float("nan")
 
 
-def _flash_attn_status() -> str:
-    try:
-        import flash_attn
-
-        return f"installed {getattr(flash_attn, '__version__', '?')}"
-    except Exception as exc:  # ImportError, or a broken build
-        return f"not installed ({type(exc).__name__})"
+def report(results: dict[str, Any], plan: Plan) -> tuple[float, float, float, float]:
+    env, c = results["env"], results["ceilings"]
+    print()
+    print(f"== Phi-4-multimodal, random weights, through TransformersModel | {env['gpu']} | {env['date']}")
+    print(f"   torch {env['torch']}, transformers {env['transformers']}, smoke: {env['smoke']}")
+    nominal = c["nominal_bf16_flops"]
+    print(
+        f"   ceilings: copy {c['copy_bandwidth_Bps'] / 1e12:.2f} TB/s, {c['matmul']} matmul "
+        f"{c['matmul_flops'] / 1e12:.0f} TFLOP/s (nominal {f'{nominal / 1e12:.0f}' if nominal else '?'}), "
+        f"decoder {c['decoder_weight_bytes'] / 1e9:.2f} GB/token, KV {c['kv_bytes_per_token'] / 1e3:.0f} KB/token"
+    )
+    print(f"{'measure':<46}{'value':>16}{'ceiling':>12}{'fraction':>10}")
+    for mode, res in results["modes"].items():
+        if "error" in res:
+            print(f"{mode:<46}  {res['error'][:100]}")
+            continue
+        print(f"{mode + ' first request (compile/capture)':<46}{res['first_request_s']:>14.2f} s")
+        for key, r in res.items():
+            if not key.startswith(("decode_", "prefill_")):
+                continue
+            if "error" in r:
+                print(f"{mode + ' ' + key:<46}  {r['error'][:100]}")
+                continue
+            label = f"{mode} {key.replace('_', ' after ' if key.startswith('decode') else ' ')} tok"
+            print(f"{label:<46}{r['tok_s']:>12.1f} t/s{r['ceiling_tok_s']:>12.0f}{r['frac']:>10.3f}")
+        a = res.get("agent", {})
+        if "step_ratio" in a:
+            label = f"{mode} agent {a['steps_done']} steps from {a['history_tokens']}"
+            lat = a["step_latency_s"]
+            print(
+                f"{label:<46}{lat[0] * 1000:>8.0f}->{lat[-1] * 1000:.0f} ms  ratio {a['step_ratio']:.3f} "
+                f"(median later/first {a['median_later_over_first']:.3f}, exact {a['all_exact']})"
+            )
+        elif a:
+            print(f"{mode + ' agent':<46}  {a.get('error', '?')[:100]}")
+    ref = results.get("reference_generate")
+    if ref and "tok_s" in ref:
+        label = f"raw generate() {ref['new_tokens']} after {ref['prompt']} (reference)"
+        print(f"{label:<46}{ref['tok_s']:>12.1f} t/s")
+    modes = [m for m, r in results["modes"].items() if "error" not in r]
+    head = "auto" if "auto" in modes else (modes[0] if modes else "")
+    short_d, long_d = plan.decode_prompts
+    decode = _figure(results, head, f"decode_{short_d}", "tok_s")
+    decode_frac = _figure(results, head, f"decode_{short_d}", "frac")
+    prefill_frac = _figure(results, head, f"prefill_{plan.prefill_prompts[0]}", "frac")
+    ratio = float(results["modes"].get(head, {}).get("agent", {}).get("step_ratio", float("nan")))
+    long_rate = _figure(results, head, f"decode_{long_d}", "tok_s")
+    long_frac = _figure(results, head, f"decode_{long_d}", "frac")
+    results["headline"] = {
+        "mode": head,
+        "decode_tok_s": decode,
+        "decode_frac": decode_frac,
+        "prefill_frac": prefill_frac,
+        "step_ratio_32k": ratio,
+    }
+    if env["smoke"]:
+        print("SMOKE: tiny model, short lengths; the fractions are against this machine's 'ceilings' and mean nothing")
+    print(f"headline mode: {head or '-'}; decode_tok_s is after the {short_d}-token prompt")
+    print(f"decode_tok_s_after_{long_d}={long_rate:.2f} decode_frac_after_{long_d}={long_frac:.4f}")
+    print(
+        f"decode_tok_s={decode:.2f} decode_frac={decode_frac:.4f} "
+        f"prefill_frac={prefill_frac:.4f} step_ratio_32k={ratio:.4f}"
+    )
+    return decode, decode_frac, prefill_frac, ratio
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", help="write all results to this file")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--json", help="write all results to this file (rewritten after every part)")
     parser.add_argument("--config", help="folder holding the full-size config.json")
     parser.add_argument("--tokenizer", help="folder holding tokenizer.json")
     parser.add_argument("--smoke", action="store_true", help="tiny model, short lengths, CPU allowed")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--part", choices=["all", "compile"], default="all")
-    parser.add_argument("--prefill", default="1024,8192,32768", help="comma-separated prefill lengths")
-    parser.add_argument("--decode-prompt", type=int, default=1024)
-    parser.add_argument("--decode-new", type=int, default=256)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--histories", default="8192,32768")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--compile-timeout", type=int, default=COMPILE_TIMEOUT_S)
-    parser.add_argument("--skip-compile", action="store_true")
-    parser.add_argument("--order", default="without,with", help="order of the agent runs")
-    parser.add_argument("--profile", action="store_true", help="print torch.profiler tables for decode steps")
+    parser.add_argument("--decode", choices=["auto", "eager", "static", "compiled", "all"], default="all")
+    parser.add_argument("--ban", choices=["weights", "processor"], default="weights", help="how stops are kept off")
+    parser.add_argument("--attn", default="sdpa", help="attention implementation of the model")
+    parser.add_argument("--budget-s", type=float, default=450.0, help="no part starts after this many seconds")
+    parser.add_argument("--no-reference", action="store_true", help="skip the raw generate() reference line")
     parser.add_argument(
         "--no-cudnn-sdpa", action="store_true", help="disable PyTorch's cuDNN SDPA backend (flash/efficient instead)"
     )
-    parser.add_argument("--sections", default="prefill,decode,agent,backend", help="which of these to run")
     args = parser.parse_args(argv)
 
     try:
@@ -490,19 +655,15 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("SKIP: torch is not installed; the GPU benchmark needs torch with CUDA")
         return 0
-    if args.smoke:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-        args.prefill, args.decode_prompt, args.decode_new, args.reps = "64,256", 32, 8, 2
-        args.histories, args.steps = "4200", 3
-    elif not torch.cuda.is_available():
+    if not args.smoke and not torch.cuda.is_available():
         print("SKIP: no CUDA device; run benchmarks/phi4_gpu.py on a GPU machine (or --smoke for a CPU check)")
         return 0
+    clock = Clock(args.budget_s)
+    plan = SMOKE if args.smoke else FULL
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_grad_enabled(False)
     if args.no_cudnn_sdpa:
         torch.backends.cuda.enable_cudnn_sdp(False)
-    if args.part == "compile":
-        print("COMPILE_RESULT " + json.dumps(part_compile(args)), flush=True)
-        return 0
 
     import transformers
     from transformers import AutoTokenizer
@@ -512,183 +673,55 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "flash_attn": _flash_attn_status(),
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "smoke": args.smoke,
+        "decode": args.decode,
+        "ban": args.ban,
+        "attn": args.attn,
         "cudnn_sdpa": not args.no_cudnn_sdpa,
+        "plan": plan.__dict__,
     }
-    print("env:", json.dumps(env), flush=True)
-    results: dict[str, Any] = {"env": env}
+    clock.say("env: " + json.dumps(env))
+    results: dict[str, Any] = {"env": env, "modes": {}}
 
     def save() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1, default=str))
 
-    # Compilation first, in its own bounded process, while this one holds no GPU memory yet.
-    sections = set(args.sections.split(","))
-    if args.skip_compile or "decode" not in sections:
-        compiled: dict[str, Any] = {"error": "skipped (--skip-compile)"}
-    else:
-        print(f"b'. decode with StaticCache + torch.compile (subprocess, {args.compile_timeout} s limit)", flush=True)
-        compiled = _run_compile_subprocess(args)
-        print(f"  {json.dumps(compiled)[:600]}", flush=True)
-    results["decode_compiled"] = compiled
-    save()
-
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     t0 = time.perf_counter()
-    model = build_model(config_dir, "sdpa", args.device, args.smoke)
+    model = build_model(config_dir, args.attn, args.device, args.smoke)
+    if args.ban == "weights":
+        silence_control_ids(model)
     _sync()
-    n_params = sum(p.numel() for p in model.parameters())
-    lm_params = sum(p.numel() for p in model.model.layers.parameters()) + model.model.embed_tokens.weight.numel()
-    env.update(build_s=time.perf_counter() - t0, params=n_params, lm_params=lm_params)
-    print(f"built {n_params / 1e9:.2f}B params ({lm_params / 1e9:.2f}B language model) in {env['build_s']:.1f} s")
-    rng = random.Random(0)
-    lengths = [int(x) for x in args.prefill.split(",")]
-    histories = [int(x) for x in args.histories.split(",")]
-    corpus = make_history(tok, max([*lengths, *histories, args.decode_prompt]), rng)
-
-    if "prefill" in sections:
-        print("a. prefill (sdpa, batch 1, DynamicCache, logits of the last position only)", flush=True)
-        results["prefill"] = {"sdpa": bench_prefill(model, corpus, lengths, args.reps)}
-        save()
-    if "decode" in sections:
-        results["decode"] = _decode_section(model, corpus[: args.decode_prompt], corpus, lengths, args, env, results)
-        results["decode"]["sdpa static + torch.compile"] = compiled
-        save()
-    if "agent" in sections:
-        results["agent_raw"] = {}
-        _agent_section(model, tok, corpus, histories, args, results["agent_raw"], save)
-    if "backend" in sections:
-        results["agent_backend"] = _backend_section(model, tok, histories, args)
+    env["build_s"] = time.perf_counter() - t0
+    env["params"] = sum(p.numel() for p in model.parameters())
+    clock.say(f"built {env['params'] / 1e9:.2f}B params in {env['build_s']:.1f} s")
+    results["ceilings"] = c = measure_ceilings(model, args.device, args.smoke)
+    clock.say("ceilings: " + json.dumps(c))
     save()
-    _report(results, histories)
+
+    modes = ["auto", "eager"] if args.decode == "all" else [args.decode]
+
+    async def run_modes() -> None:
+        for mode in modes:
+            if clock.left() < 40:
+                results["modes"][mode] = {"error": "skipped: time budget"}
+                continue
+            clock.say(f"mode {mode}")
+            results["modes"][mode] = await bench_mode(model, tok, mode, args, plan, c, clock, save)
+            save()
+
+    asyncio.run(run_modes())
+    if not args.no_reference and clock.left() > 60:
+        try:
+            results["reference_generate"] = reference_generate(model, plan.decode_prompts[0], plan.reference_tokens)
+        except Exception as exc:
+            results["reference_generate"] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
+        clock.say(f"reference generate(): {json.dumps(results['reference_generate'])}")
+    figures = report(results, plan)
     save()
-    return 0
-
-
-def _decode_section(
-    model: Any, prompt: list[int], corpus: list[int], lengths: list[int], args: Any, env: Any, results: Any
-) -> dict[str, Any]:
-    print("b. decode (generate, batch 1, greedy)", flush=True)
-    decode: dict[str, Any] = {}
-    for name, kw in [
-        ("sdpa dynamic", {}),
-        ("sdpa static, no compile", {"cache_implementation": "static", "disable_compile": True}),
-    ]:
-        try:
-            decode[name] = bench_decode(model, prompt, args.decode_new, args.reps, **kw)
-        except Exception as exc:
-            decode[name] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
-        print(f"  {name}: {json.dumps(decode[name], default=str)[:300]}", flush=True)
-    if env["flash_attn"].startswith("installed"):
-        try:
-            model.set_attn_implementation("flash_attention_2")
-            decode["flash_attention_2 dynamic"] = bench_decode(model, prompt, args.decode_new, args.reps)
-            results["prefill"]["flash_attention_2"] = bench_prefill(model, corpus, lengths, args.reps)
-        except Exception as exc:
-            decode["flash_attention_2 dynamic"] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
-        finally:
-            model.set_attn_implementation("sdpa")
-    else:
-        decode["flash_attention_2"] = {"error": env["flash_attn"]}
-    return decode
-
-
-def _agent_section(
-    model: Any, tok: Any, corpus: list[int], histories: list[int], args: Any, agent: dict[str, Any], save: Any
-) -> None:
-    import torch
-
-    rng = random.Random(1)
-    print(f"c. agent run, raw transformers ({args.steps} steps: +100-300 tool tokens, 32 decoded tokens)", flush=True)
-    for h in histories:
-        hist = corpus[:h] if h <= len(corpus) else make_history(tok, h, rng)
-        hist = hist[: h - 2] + _ids(tok, "<|end|><|assistant|>")
-        tool_results = make_tool_results(tok, args.steps, random.Random(h))
-        agent_run_raw(model, hist[: LONGROPE_SWITCH + 100], tool_results[:1], 4, True)  # warm-up
-        runs: dict[str, Any] = {"logit_check": reuse_logit_check(model, hist, tool_results[0])}
-        if args.profile and h == histories[0]:
-            profile_decode(model, hist, tool_results[0])
-        for key in args.order.split(","):
-            runs[key] = agent_run_raw(model, hist, tool_results, 32, key == "with")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        gen_a, gen_b = runs["without"].pop("_generated"), runs["with"].pop("_generated")
-        same = sum(x == y for a, b in zip(gen_a, gen_b, strict=True) for x, y in zip(a, b, strict=True))
-        runs["token_agreement"] = same / sum(len(a) for a in gen_a)
-        runs["speedup_wall"] = runs["without"]["wall_s"] / runs["with"]["wall_s"]
-        runs["speedup_prefill"] = runs["without"]["prefill_s"] / runs["with"]["prefill_s"]
-        runs["prefill_token_ratio"] = runs["without"]["prefill_tokens"] / runs["with"]["prefill_tokens"]
-        agent[str(h)] = runs
-        print(f"  {h}: {json.dumps(runs)}", flush=True)
-        save()
-
-
-def _backend_section(model: Any, tok: Any, histories: list[int], args: Any) -> dict[str, Any]:
-    print("c'. agent run through agent.models.transformers.TransformersModel", flush=True)
-    backend: dict[str, Any] = {}
-    sys.path.insert(0, str(ROOT))
-    try:
-        importlib.import_module("agent.models.transformers")
-    except Exception as exc:
-        backend["error"] = f"not available: {type(exc).__name__}: {exc}"[:600]
-    else:
-        for key in ("with", "without", "with_crop_forced"):
-            reuse = key != "without"
-            try:
-                backend[key] = agent_run_backend(model, tok, histories[0], args.steps, reuse, key == "with_crop_forced")
-            except Exception as exc:
-                backend[key] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
-            print(f"  {key}: {json.dumps(backend[key])[:400]}", flush=True)
-        if "wall_s" in backend.get("with", {}) and "wall_s" in backend.get("without", {}):
-            backend["speedup_wall"] = backend["without"]["wall_s"] / backend["with"]["wall_s"]
-    print(f"  {json.dumps(backend)[:300]}", flush=True)
-    return backend
-
-
-def _report(results: dict[str, Any], histories: list[int]) -> None:
-    env = results["env"]
-    print()
-    print(f"== Phi-4-multimodal full-size, random bf16 weights | {env['gpu']} | {env['date']}")
-    print(f"   torch {env['torch']}, transformers {env['transformers']}, flash_attn: {env['flash_attn']}")
-    print(f"{'measure':<52}{'value':>14}{'ceiling frac':>14}")
-    for attn, rows in results.get("prefill", {}).items():
-        for r in rows:
-            label = f"prefill {r['tokens']} tok ({attn})"
-            print(f"{label:<52}{r['tok_s']:>10.0f} t/s{r['frac_ceiling']:>14.3f}")
-    best = 0.0
-    for name, r in results.get("decode", {}).items():
-        if "tok_s" in r:
-            best = max(best, r["tok_s"])
-            label = f"decode {r['new_tokens']} after {r['prompt']} ({name})"
-            print(f"{label:<52}{r['tok_s']:>10.1f} t/s{r['frac_ceiling']:>14.3f}")
-        else:
-            print(f"{'decode (' + name + ')':<52}  {r.get('error', '?')[:90]}")
-    for h, runs in results.get("agent_raw", {}).items():
-        for key in ("without", "with"):
-            r = runs[key]
-            label = f"agent raw {h} {key} reuse: wall s / prefill tok"
-            print(f"{label:<52}{r['wall_s']:>12.2f} s{r['prefill_tokens']:>14}")
-        label = f"agent raw {h} speedup wall / prefill-time"
-        print(f"{label:<52}{runs['speedup_wall']:>12.2f} x{runs['speedup_prefill']:>12.2f} x")
-    backend = results.get("agent_backend", {})
-    if "error" in backend:
-        print(f"{'agent TransformersModel':<52}  {backend['error'][:90]}")
-    for key in ("without", "with", "with_crop_forced"):
-        r = backend.get(key)
-        if r is None:
-            continue
-        if "wall_s" in r:
-            label = f"agent TransformersModel {histories[0]} {key} reuse"
-            print(f"{label:<52}{r['wall_s']:>12.2f} s{r['prefill_tokens']:>14}")
-        else:
-            print(f"{'agent TransformersModel ' + key:<52}  {r.get('error', '?')[:90]}")
-    rows = results.get("prefill", {}).get("sdpa", [])
-    prefill_8k = next((r["tok_s"] for r in rows if r["tokens"] == 8192), rows[-1]["tok_s"] if rows else float("nan"))
-    speedup = results.get("agent_raw", {}).get(str(histories[0]), {}).get("speedup_wall", float("nan"))
-    best = best or float("nan")
-    print(f"decode_tok_s={best:.1f} prefill_tok_s={prefill_8k:.0f} kv_reuse_speedup_8k={speedup:.2f}")
+    return 0 if all(math.isfinite(x) for x in figures) else 1
 
 
 if __name__ == "__main__":
