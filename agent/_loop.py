@@ -9,12 +9,15 @@ import itertools
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from pydantic import TypeAdapter, ValidationError
 
 from agent.events import (
     AgentEvent,
     FinalEvent,
     ModelResponseEvent,
+    OutputT,
     RetryEvent,
     RunResult,
     TextDeltaEvent,
@@ -31,7 +34,7 @@ from agent.exceptions import (
     UserError,
 )
 from agent.messages import Message, Part, RetryPart, ToolCallPart, ToolResultPart
-from agent.models import Model, ModelResponse, ModelSettings, TextDelta, Usage
+from agent.models import Model, ModelResponse, ModelSettings, ResponseFormat, TextDelta, Usage
 from agent.protocols import ContextFitter, RunStore
 from tools._context import ToolContext
 from tools._registry import Approver, Registry, Tool
@@ -74,9 +77,11 @@ class _RunState:
 
 
 _FORMAT_RETRY = "(output format)"
+_OUTPUT_RETRY = "(output type)"
+_MAX_ERROR = 1500  # characters of a validation error shown to the model
 
 
-class Agent:
+class Agent(Generic[OutputT]):
     """An agent: a model, tools, and the loop that connects them.
 
     Args:
@@ -96,6 +101,12 @@ class Agent:
         reset_tool_choice: after a step with tool calls, send `tool_choice="auto"` again when the settings
             ask for `required` or a named tool, so a forced first call does not force every later step
             (the run could never end).
+        output_type: the type of the final answer (a Pydantic model, a dataclass, `list[int]`, ... anything
+            Pydantic's `TypeAdapter` takes); `RunResult.output` is then a validated instance instead of text.
+            Every request asks for JSON matching its schema (`ModelSettings.response_format`): in process the
+            grammar makes the answer valid by construction, tools still first; over an OpenAI-compatible server
+            it is sent as `response_format` json_schema. An answer that does not validate (a backend without
+            the constraint) goes back to the model with the error, within the `retries` budget.
     """
 
     def __init__(
@@ -113,6 +124,7 @@ class Agent:
         context: ContextFitter | None = None,
         reset_tool_choice: bool = True,
         mcp: Iterable[MCPTools] = (),
+        output_type: type[OutputT] | None = None,
     ) -> None:
         if not isinstance(model, Model):
             raise UserError(f"model must be an agent.models.Model, got {type(model).__name__}")
@@ -131,6 +143,17 @@ class Agent:
         self.memory = memory
         self.context = context
         self.reset_tool_choice = reset_tool_choice
+        self.output_type = output_type
+        self._output: TypeAdapter[Any] | None = None
+        self._output_format: ResponseFormat | None = None
+        if output_type is not None:
+            try:
+                self._output = TypeAdapter(output_type)
+                schema = self._output.json_schema()
+            except Exception as exc:  # PydanticSchemaGenerationError, PydanticUserError, TypeError ...
+                raise UserError(f"output_type {output_type!r} has no JSON schema: {exc}") from exc
+            name = getattr(output_type, "__name__", "output")
+            self._output_format = ResponseFormat(schema=schema, name=name, strict=True)
         self._call_ids = itertools.count()
         servers = list(mcp)
         self._mcp: MCPGroup | None = None
@@ -141,7 +164,7 @@ class Agent:
         self._entered: contextlib.AsyncExitStack | None = None
         self._depth = 0
 
-    async def __aenter__(self) -> Agent:
+    async def __aenter__(self) -> Agent[OutputT]:
         """Keep the MCP servers connected across runs until the block ends (without it, each run connects).
         Blocks may nest: the servers close when the outermost one ends."""
         if self._mcp is not None and self._entered is None:
@@ -170,7 +193,7 @@ class Agent:
         conversation_id: str | None = None,
         deps: Any = None,
         settings: ModelSettings | None = None,
-    ) -> RunResult:
+    ) -> RunResult[OutputT]:
         """Run until the model answers without calling a tool; return the answer and the transcript.
 
         Args:
@@ -182,7 +205,7 @@ class Agent:
             deps: anything tools should receive as `ToolContext.deps`.
             settings: generation settings for this run.
         """
-        result: RunResult | None = None
+        result: RunResult[OutputT] | None = None
         async for event in self.run_stream(
             prompt,
             images=images,
@@ -197,13 +220,13 @@ class Agent:
         assert result is not None
         return result
 
-    def run_sync(self, prompt: str | Message, **kwargs: Any) -> RunResult:
+    def run_sync(self, prompt: str | Message, **kwargs: Any) -> RunResult[OutputT]:
         """`run` for code without an event loop."""
         _require_no_loop("run_sync")
         # The result leaves through `box`, not as the task's result: `asyncio.run` restores SIGINT through
         # `signal.signal`, which formats the repr of its handler, a partial holding the finished task, result
         # and all (a 200-step transcript took ~25% of the run to repr).
-        box: list[RunResult] = []
+        box: list[RunResult[OutputT]] = []
 
         async def main() -> None:
             box.append(await self.run(prompt, **kwargs))
@@ -228,7 +251,7 @@ class Agent:
             raise UserError(f"the prompt must be a user message, got role {user.role!r}")
         if conversation_id is not None and self.memory is None:
             raise UserError("conversation_id needs an agent with memory=Store(...)")
-        state = _RunState(messages=[], first_new=0, deps=deps, settings=settings or self.settings)
+        state = _RunState(messages=[], first_new=0, deps=deps, settings=self._with_output(settings or self.settings))
         past = list(history)
         if self.memory is not None:
             memory = self.memory
@@ -249,9 +272,11 @@ class Agent:
         async for event in self._drive(state):
             yield event
 
-    async def resume(self, run_id: str, *, deps: Any = None, settings: ModelSettings | None = None) -> RunResult:
+    async def resume(
+        self, run_id: str, *, deps: Any = None, settings: ModelSettings | None = None
+    ) -> RunResult[OutputT]:
         """Continue an interrupted run from its last committed step; completed tool calls are not repeated."""
-        result: RunResult | None = None
+        result: RunResult[OutputT] | None = None
         async for event in self.resume_stream(run_id, deps=deps, settings=settings):
             if isinstance(event, FinalEvent):
                 result = event.result
@@ -275,7 +300,7 @@ class Agent:
             run_id=stored.run_id,
             conversation_id=stored.conversation_id,
             deps=deps,
-            settings=settings or self.settings,
+            settings=self._with_output(settings or self.settings),
             lease_ttl=stored.lease_ttl,
         )
         run_messages = state.messages[state.first_new :]
@@ -290,6 +315,26 @@ class Agent:
 
     def _system(self) -> list[Message]:
         return [Message.system(self.system_prompt)] if self.system_prompt else []
+
+    def _with_output(self, settings: ModelSettings) -> ModelSettings:
+        """Ask for the output type's JSON, unless the caller set a `response_format` of their own."""
+        if self._output_format is None or settings.response_format is not None:
+            return settings
+        return dataclasses.replace(settings, response_format=self._output_format)
+
+    def _read_output(self, final: Message) -> tuple[Any, RetryPart | None]:
+        """The final answer as `output_type` (or its text), or the retry telling the model why it is not one."""
+        if self._output is None:
+            return final.text, None
+        try:
+            return self._output.validate_json(final.text), None
+        except ValidationError as exc:
+            error = str(exc)
+            if len(error) > _MAX_ERROR:
+                error = error[:_MAX_ERROR] + " ..."
+            name = self._output_format.name if self._output_format is not None else "output"
+            message = f"Your answer is not valid {name} JSON: {error}. Answer again with only JSON matching the schema."
+            return None, RetryPart(message=message, name=_OUTPUT_RETRY)
 
     async def _drive(self, state: _RunState) -> AsyncIterator[AgentEvent]:
         if self._mcp is None:
@@ -371,8 +416,13 @@ class Agent:
                 state.step += 1
                 continue
             if last.role == "assistant":  # resumed after the final answer was committed
-                yield await self._finish(state, last)
-                return
+                output, retry = self._read_output(last)
+                if retry is None:
+                    yield await self._finish(state, last, output)
+                    return
+                async for event in self._retry_output(state, retry):
+                    yield event
+                continue
             if state.step >= self.max_steps:
                 raise MaxStepsExceeded(f"no final answer after {self.max_steps} steps", state.messages)
             self._check_request_limits(state)
@@ -413,8 +463,21 @@ class Agent:
                     self._count_retry(state, retry)
                 continue
             if not response.message.tool_calls:
-                yield await self._finish(state, response.message)
-                return
+                output, retry = self._read_output(response.message)
+                if retry is None:
+                    yield await self._finish(state, response.message, output)
+                    return
+                async for event in self._retry_output(state, retry):
+                    yield event
+
+    async def _retry_output(self, state: _RunState, retry: RetryPart) -> AsyncIterator[AgentEvent]:
+        """Send an answer that is not the output type back to the model (one step, counted as a retry)."""
+        yield RetryEvent(retry, state.step)
+        message = Message(role="user", parts=(retry,))
+        state.messages.append(message)
+        await self._commit(state, "tools", [message])
+        state.step += 1
+        self._count_retry(state, retry)
 
     async def _run_tools(self, state: _RunState, assistant: Message) -> AsyncIterator[AgentEvent]:
         calls = assistant.tool_calls
@@ -485,7 +548,10 @@ class Agent:
         t = (state.registry or self.registry).get(name)
         budget = t.retries if t is not None and t.retries is not None else self.retries
         if count > budget:
-            what = "the model's output could not be parsed" if name == _FORMAT_RETRY else f"tool {name!r}"
+            what = {
+                _FORMAT_RETRY: "the model's output could not be parsed",
+                _OUTPUT_RETRY: "the model's answer did not validate as the output type",
+            }.get(name, f"tool {name!r}")
             raise RetryBudgetExceeded(
                 f"{what} needed more than {budget} retries; last error: {retry.message}", state.messages
             )
@@ -505,10 +571,10 @@ class Agent:
             if cap is not None and value > cap:
                 raise UsageLimitExceeded(f"{what} token limit of {cap} exceeded ({value})", state.messages)
 
-    async def _finish(self, state: _RunState, final: Message) -> FinalEvent:
+    async def _finish(self, state: _RunState, final: Message, output: Any) -> FinalEvent:
         await self._end(state, "completed", None)
-        result = RunResult(
-            output=final.text,
+        result: RunResult[Any] = RunResult(
+            output=output,
             messages=list(state.messages),
             new_messages=state.messages[state.first_new :],
             usage=state.usage,

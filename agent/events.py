@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Generic
+
+from typing_extensions import TypeVar
 
 from agent.messages import Message, RetryPart, ToolCallPart, ToolResultPart
 from agent.models import ModelResponse, Usage
@@ -21,12 +24,16 @@ __all__ = [
 ]
 
 
+OutputT = TypeVar("OutputT", default=str)
+"""The type of `RunResult.output`: `str`, or the agent's `output_type`."""
+
+
 @dataclass(frozen=True, slots=True)
-class RunResult:
+class RunResult(Generic[OutputT]):
     """The outcome of a run.
 
     Attributes:
-        output: the final assistant text.
+        output: the final answer: the assistant's text, or with `Agent(output_type=T)` a validated `T`.
         messages: the whole transcript sent to and received from the model (system prompt included).
         new_messages: the messages this run added (its user turn onwards).
         usage: tokens and requests summed over the run.
@@ -35,7 +42,7 @@ class RunResult:
         model_name: which model produced the answer.
     """
 
-    output: str
+    output: OutputT
     messages: list[Message]
     new_messages: list[Message]
     usage: Usage
@@ -114,7 +121,7 @@ class UsageEvent:
 class FinalEvent:
     """The run finished with an answer."""
 
-    result: RunResult
+    result: RunResult[Any]
     step: int = field(default=0)
 
 

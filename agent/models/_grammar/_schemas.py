@@ -97,16 +97,22 @@ def _default_for(rng: random.Random, kind: str, annotation: Any) -> Any:
     return ...
 
 
-def random_tool(rng: random.Random, name: str, *, max_params: int = 4) -> ToolDefinition:
-    """One tool whose parameters draw from `FEATURES`."""
+def random_model(rng: random.Random, name: str, *, max_fields: int = 4) -> type[BaseModel]:
+    """A Pydantic model whose fields draw from `FEATURES` (extra keys forbidden)."""
     fields: dict[str, Any] = {}
-    for pname in rng.sample(_NAMES, rng.randint(1, max_params)):
+    for pname in rng.sample(_NAMES, rng.randint(1, max_fields)):
         kind = rng.choice(list(FEATURES))
         annotation = rng.choice(FEATURES[kind])
         fields[pname] = (annotation, _default_for(rng, kind, annotation))
     model: type[BaseModel] = create_model(  # type: ignore[call-overload]
-        f"{name}_arguments", __config__=ConfigDict(extra="forbid"), **fields
+        name, __config__=ConfigDict(extra="forbid"), **fields
     )
+    return model
+
+
+def random_tool(rng: random.Random, name: str, *, max_params: int = 4) -> ToolDefinition:
+    """One tool whose parameters draw from `FEATURES`."""
+    model = random_model(rng, f"{name}_arguments", max_fields=max_params)
     schema = model.model_json_schema()
     schema.pop("title", None)
     schema["additionalProperties"] = False
