@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
+from agent import tracing as _tracing
 from agent.events import (
     AgentEvent,
     FinalEvent,
@@ -40,6 +41,7 @@ from tools._context import ToolContext
 from tools._registry import Approver, Registry, Tool
 
 if TYPE_CHECKING:
+    from agent._otel import RunTrace
     from tools.mcp import MCPGroup, MCPTools
 
 __all__ = ["Agent", "UsageLimits"]
@@ -74,6 +76,7 @@ class _RunState:
     registry: Registry | None = None  # the agent's tools and its MCP servers', for this run
     lease_ttl: float | None = None  # the store's lease on the conversation lasts this long after a renewal
     renewed: float = 0.0  # loop time of the last renewal (a commit or a heartbeat)
+    trace: RunTrace | None = None  # the run's spans, when agent.tracing is on
 
 
 _FORMAT_RETRY = "(output format)"
@@ -107,6 +110,7 @@ class Agent(Generic[OutputT]):
             grammar makes the answer valid by construction, tools still first; over an OpenAI-compatible server
             it is sent as `response_format` json_schema. An answer that does not validate (a backend without
             the constraint) goes back to the model with the error, within the `retries` budget.
+        name: what the agent is called in traces (`agent.tracing`) and logs.
     """
 
     def __init__(
@@ -125,6 +129,7 @@ class Agent(Generic[OutputT]):
         reset_tool_choice: bool = True,
         mcp: Iterable[MCPTools] = (),
         output_type: type[OutputT] | None = None,
+        name: str | None = None,
     ) -> None:
         if not isinstance(model, Model):
             raise UserError(f"model must be an agent.models.Model, got {type(model).__name__}")
@@ -144,6 +149,7 @@ class Agent(Generic[OutputT]):
         self.context = context
         self.reset_tool_choice = reset_tool_choice
         self.output_type = output_type
+        self.name = name
         self._output: TypeAdapter[Any] | None = None
         self._output_format: ResponseFormat | None = None
         if output_type is not None:
@@ -337,6 +343,10 @@ class Agent(Generic[OutputT]):
             return None, RetryPart(message=message, name=_OUTPUT_RETRY)
 
     async def _drive(self, state: _RunState) -> AsyncIterator[AgentEvent]:
+        if _tracing._active is not None and state.trace is None:  # the run inside an invoke_agent span
+            async for event in _tracing._active.run(self, state, self._drive(state)):
+                yield event
+            return
         if self._mcp is None:
             state.registry = self.registry
             async for event in self._drive_steps(state):
@@ -433,7 +443,10 @@ class Agent(Generic[OutputT]):
             to_send = state.messages
             if self.context is not None:
                 to_send = await asyncio.to_thread(self.context.fit, state.messages, tools, self.model)
-            async for item in self.model.request_stream(to_send, tools, state.settings):
+            stream = self.model.request_stream(to_send, tools, state.settings)
+            if state.trace is not None:  # the request inside a chat span
+                stream = state.trace.chat(to_send, tools, state.settings, stream)
+            async for item in stream:
                 if isinstance(item, TextDelta):
                     yield TextDeltaEvent(item.text, state.step)
                 elif isinstance(item, ModelResponse):  # calls are run from the response, not from deltas
@@ -539,6 +552,8 @@ class Agent(Generic[OutputT]):
             progress=report,
         )
         assert state.registry is not None
+        if state.trace is not None:  # the call inside an execute_tool span
+            return await state.trace.tool(call, state.registry, state.registry.execute(call, ctx, self.approver))
         return await state.registry.execute(call, ctx, self.approver)
 
     def _count_retry(self, state: _RunState, retry: RetryPart) -> None:

@@ -10,6 +10,7 @@ import agent.exceptions
 import agent.messages
 import agent.models
 import agent.testing
+import agent.tracing
 import tools
 
 
@@ -19,8 +20,9 @@ def test_public_names_are_pinned() -> None:
         "ToolDefinitionError", "to_content", "tool",
     ]  # fmt: skip
     assert sorted(agent.testing.__all__) == ["AgentInfo", "FunctionModel", "ReplayModel", "call"]
+    assert sorted(agent.tracing.__all__) == ["disable", "enable", "is_enabled"]
     assert "Agent" in agent.__all__ and "Message" in agent.__all__
-    for module in (agent, agent.exceptions, agent.messages, agent.models, agent.testing, tools):
+    for module in (agent, agent.exceptions, agent.messages, agent.models, agent.testing, agent.tracing, tools):
         for name in module.__all__:
             assert hasattr(module, name), f"{module.__name__}.{name} is listed but missing"
             assert not name.startswith("_")
