@@ -199,6 +199,7 @@ class Agent(Generic[OutputT]):
         conversation_id: str | None = None,
         deps: Any = None,
         settings: ModelSettings | None = None,
+        parent_run_id: str | None = None,
     ) -> RunResult[OutputT]:
         """Run until the model answers without calling a tool; return the answer and the transcript.
 
@@ -210,6 +211,7 @@ class Agent(Generic[OutputT]):
             conversation_id: continue this stored conversation (needs `memory`).
             deps: anything tools should receive as `ToolContext.deps`.
             settings: generation settings for this run.
+            parent_run_id: with memory, link the stored run to this one (set by `as_tool` for delegated runs).
         """
         result: RunResult[OutputT] | None = None
         async for event in self.run_stream(
@@ -220,6 +222,7 @@ class Agent(Generic[OutputT]):
             conversation_id=conversation_id,
             deps=deps,
             settings=settings,
+            parent_run_id=parent_run_id,
         ):
             if isinstance(event, FinalEvent):
                 result = event.result
@@ -250,6 +253,7 @@ class Agent(Generic[OutputT]):
         conversation_id: str | None = None,
         deps: Any = None,
         settings: ModelSettings | None = None,
+        parent_run_id: str | None = None,
     ) -> AsyncIterator[AgentEvent]:
         """Like `run`, yielding typed events as they happen; the last event is a `FinalEvent`."""
         user = prompt if isinstance(prompt, Message) else Message.user(prompt, images=images, audio=audio)
@@ -261,12 +265,14 @@ class Agent(Generic[OutputT]):
         past = list(history)
         if self.memory is not None:
             memory = self.memory
+            link = {"parent_run_id": parent_run_id} if parent_run_id is not None else {}  # stores without it work
             started = await self._take_lease(
                 lambda: memory.begin_run(
                     conversation_id=conversation_id,
                     new_messages=[user],
                     model_name=self.model.name,
                     system_prompt=self.system_prompt,
+                    **link,
                 ),
                 lambda started: started.run_id,
             )
@@ -316,6 +322,23 @@ class Agent(Generic[OutputT]):
             state.settings = dataclasses.replace(state.settings, tool_choice="auto")
         async for event in self._drive(state):
             yield event
+
+    def as_tool(self, name: str | None = None, description: str | None = None, *, timeout: float | None = None) -> Tool:
+        """This agent as a tool of another agent (delegation): one argument, `task`.
+
+        The delegated run uses this agent's own tools, prompt, context policy and limits. Its final answer (text,
+        or `output_type` as JSON) and the images and audio its tools produced come back as the tool's result, real
+        parts for the caller's model; its usage joins the caller's run; with memory (this agent's, or the
+        caller's when it has none) its run is stored and linked to the caller's (`Store.list_runs(parent_run_id=)`).
+
+        Args:
+            name: the tool's name; default the agent's `name`, else `delegate`.
+            description: what the calling model reads about the tool.
+            timeout: seconds the delegated run may take; default no limit (its own `max_steps` and limits bound it).
+        """
+        from agent._delegate import delegate_tool
+
+        return delegate_tool(self, name, description, timeout)
 
     # ------------------------------------------------------------------ the loop
 
@@ -550,6 +573,7 @@ class Agent(Generic[OutputT]):
             deps=state.deps,
             memory=self.memory,
             progress=report,
+            add_usage=lambda usage: setattr(state, "usage", state.usage + usage),
         )
         assert state.registry is not None
         if state.trace is not None:  # the call inside an execute_tool span

@@ -59,9 +59,11 @@ class RunStore(Protocol):
         new_messages: Sequence[Message],
         model_name: str,
         system_prompt: str | None,
+        parent_run_id: str | None = None,
     ) -> StartedRun:
         """Take the conversation's lease (waiting for a busy one, as the store is configured), create the run
-        (and the conversation when `conversation_id` is None) and commit the new messages."""
+        (and the conversation when `conversation_id` is None) and commit the new messages. `parent_run_id`: the
+        run whose tool started this one (delegation); the agent passes it only when there is one."""
         ...
 
     def resume_run(self, run_id: str) -> StoredRun:

@@ -22,6 +22,7 @@ from sqlalchemy import (
     JSON,
     Column,
     Connection,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -58,8 +59,26 @@ def _m1_initial(conn: Connection) -> None:
         Column("updated_at", _schema.UTCDateTime, nullable=False),
         Index("mm_conversations_updated", "updated_at"),
     )
+    runs_v1 = Table(
+        "mm_runs",
+        conversations_v1.metadata,
+        Column("id", String(64), primary_key=True),
+        Column("conversation_id", ForeignKey("mm_conversations.id", ondelete="CASCADE"), nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("model_name", Text, nullable=False),
+        Column("system_prompt", Text, nullable=True),
+        Column("error", Text, nullable=True),
+        Column("usage", JSON, nullable=False),
+        Column("first_position", Integer, nullable=False),
+        Column("created_at", _schema.UTCDateTime, nullable=False),
+        Column("updated_at", _schema.UTCDateTime, nullable=False),
+        Column("finished_at", _schema.UTCDateTime, nullable=True),
+        Index("mm_runs_conversation", "conversation_id"),
+        Index("mm_runs_status", "status"),
+    )
     conversations_v1.create(conn)
-    later = {_schema.conversations.name}  # tables migration 1 creates from a frozen copy
+    runs_v1.create(conn)
+    later = {_schema.conversations.name, _schema.runs.name}  # tables migration 1 creates from a frozen copy
     _schema.metadata.create_all(conn, tables=[t for t in _schema.metadata.sorted_tables if t.name not in later])
     if conn.dialect.name == "sqlite":
         # External-content FTS5 over text parts, kept in sync by triggers (cascading deletes fire them too).
@@ -93,7 +112,13 @@ def _m2_conversation_lease(conn: Connection) -> None:
         conn.exec_driver_sql(f"ALTER TABLE mm_conversations ADD COLUMN {name} {type_.compile(dialect=conn.dialect)}")
 
 
-MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_m1_initial, _m2_conversation_lease)
+def _m3_parent_run(conn: Connection) -> None:
+    """Delegation: a run started by a tool of another run points at it."""
+    conn.exec_driver_sql("ALTER TABLE mm_runs ADD COLUMN parent_run_id VARCHAR(64)")
+    conn.exec_driver_sql("CREATE INDEX mm_runs_parent ON mm_runs (parent_run_id)")
+
+
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_m1_initial, _m2_conversation_lease, _m3_parent_run)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -112,8 +112,10 @@ runs = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("finished_at", UTCDateTime, nullable=True),
+    Column("parent_run_id", String(64), nullable=True),  # the run whose tool started this one (delegation)
     Index("mm_runs_conversation", "conversation_id"),
     Index("mm_runs_status", "status"),
+    Index("mm_runs_parent", "parent_run_id"),
 )
 
 steps = Table(

@@ -213,9 +213,11 @@ class Store:
         new_messages: Sequence[Message],
         model_name: str,
         system_prompt: str | None,
+        parent_run_id: str | None = None,
     ) -> StartedRun:
         """Take the conversation's lease, create a run (and a conversation, already leased, when
-        `conversation_id` is None) and commit its first messages, all in one transaction.
+        `conversation_id` is None) and commit its first messages, all in one transaction. `parent_run_id` links
+        a run started by a tool of another run (delegation) to it.
 
         Raises:
             UserError: `conversation_id` names no stored conversation.
@@ -247,6 +249,7 @@ class Store:
                     "first_position": start,
                     "created_at": now,
                     "updated_at": now,
+                    "parent_run_id": parent_run_id,
                 },
             )
             self._insert(conn, cid, start, encoded, now, run_id=run_id, lease=self._leases.values(run_id, now))
@@ -500,9 +503,15 @@ class Store:
     # ------------------------------------------------------------------ runs, artifacts, search
 
     def list_runs(
-        self, *, conversation_id: str | None = None, status: RunStatus | None = None, limit: int | None = 100
+        self,
+        *,
+        conversation_id: str | None = None,
+        status: RunStatus | None = None,
+        parent_run_id: str | None = None,
+        limit: int | None = 100,
     ) -> list[RunInfo]:
-        """Runs, newest first; `status="running"` lists the ones to resume after a crash."""
+        """Runs, newest first; `status="running"` lists the ones to resume after a crash, `parent_run_id` the runs
+        a run delegated to."""
         r = s.runs.c
         count = select(func.count()).where(s.steps.c.run_id == r.id).scalar_subquery()
         stmt = select(s.runs, count.label("n_steps")).order_by(r.created_at.desc(), r.id).limit(limit)
@@ -510,6 +519,8 @@ class Store:
             stmt = stmt.where(r.conversation_id == conversation_id)
         if status is not None:
             stmt = stmt.where(r.status == status)
+        if parent_run_id is not None:
+            stmt = stmt.where(r.parent_run_id == parent_run_id)
         with self._database.transaction(write=False) as conn:
             rows = conn.execute(stmt).all()
         return [
@@ -525,6 +536,7 @@ class Store:
                 created_at=row.created_at,
                 updated_at=row.updated_at,
                 finished_at=row.finished_at,
+                parent_run_id=row.parent_run_id,
             )
             for row in rows
         ]

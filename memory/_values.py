@@ -49,6 +49,7 @@ class RunInfo:
         created_at: when it began (aware, UTC).
         updated_at: when it last committed (aware, UTC).
         finished_at: when it completed or failed.
+        parent_run_id: the run whose tool started this one (`Agent.as_tool`), or None.
     """
 
     id: str
@@ -62,6 +63,7 @@ class RunInfo:
     created_at: dt.datetime
     updated_at: dt.datetime
     finished_at: dt.datetime | None
+    parent_run_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

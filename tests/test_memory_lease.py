@@ -321,12 +321,14 @@ def test_a_version_1_database_migrates_to_the_lease(store_url: str, monkeypatch:
         engine.dispose()
         assert not {"lease_run_id", "lease_holder", "lease_expires_at"} & columns
     with Store(store_url) as store:
-        assert store.schema_version == _migrations.SCHEMA_VERSION == 2
+        assert store.schema_version == _migrations.SCHEMA_VERSION == 3
         with store._database.transaction(write=False) as conn:
             versions = conn.execute(text("SELECT version FROM mm_schema_version ORDER BY version")).scalars().all()
             found = {c["name"]: c for c in inspect(conn).get_columns("mm_conversations")}
-        assert versions == [1, 2]
+            runs = {c["name"] for c in inspect(conn).get_columns("mm_runs")}
+        assert versions == [1, 2, 3]
         assert set(found) == {c.name for c in schema.conversations.columns}
+        assert runs == {c.name for c in schema.runs.columns}  # migration 3: parent_run_id
         assert all(found[name]["nullable"] for name in ("lease_run_id", "lease_holder", "lease_expires_at"))
         assert lease_of(store, cid) == (None, None)
         assert [m.text for m in store.load_conversation(cid)] == ["written by version 1"]

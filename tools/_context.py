@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agent.models import Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +24,8 @@ class ToolContext:
         memory: the agent's memory store, or None.
         progress: `progress(done, total, message)` reports how far the call got (an agent turns it into a
             `ToolProgressEvent`); None when nobody listens.
+        add_usage: `add_usage(usage)` adds model usage the tool caused (a delegated agent's run) to the calling
+            run's usage, so limits and totals count it; None outside an agent run.
     """
 
     call_id: str
@@ -31,3 +36,4 @@ class ToolContext:
     deps: Any = None
     memory: Any = None
     progress: Callable[[float, float | None, str | None], None] | None = None
+    add_usage: Callable[[Usage], None] | None = None
