@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import itertools
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -28,6 +29,7 @@ from agent.events import (
     UsageEvent,
 )
 from agent.exceptions import (
+    ApprovalRequired,
     MaxStepsExceeded,
     MMAgentError,
     RetryBudgetExceeded,
@@ -38,7 +40,7 @@ from agent.messages import Message, Part, RetryPart, ToolCallPart, ToolResultPar
 from agent.models import Model, ModelResponse, ModelSettings, ResponseFormat, TextDelta, Usage
 from agent.protocols import ContextFitter, RunStore
 from tools._context import ToolContext
-from tools._registry import Approver, Registry, Tool
+from tools._registry import ApprovalResult, Approver, Deny, Registry, Tool
 
 if TYPE_CHECKING:
     from agent._otel import RunTrace
@@ -76,6 +78,7 @@ class _RunState:
     registry: Registry | None = None  # the agent's tools and its MCP servers', for this run
     lease_ttl: float | None = None  # the store's lease on the conversation lasts this long after a renewal
     renewed: float = 0.0  # loop time of the last renewal (a commit or a heartbeat)
+    approvals: dict[str, ApprovalResult] = field(default_factory=dict)  # decisions given to `resume`
     trace: RunTrace | None = None  # the run's spans, when agent.tracing is on
 
 
@@ -285,18 +288,38 @@ class Agent(Generic[OutputT]):
             yield event
 
     async def resume(
-        self, run_id: str, *, deps: Any = None, settings: ModelSettings | None = None
+        self,
+        run_id: str,
+        *,
+        deps: Any = None,
+        settings: ModelSettings | None = None,
+        approvals: Mapping[str, ApprovalResult] | None = None,
     ) -> RunResult[OutputT]:
-        """Continue an interrupted run from its last committed step; completed tool calls are not repeated."""
+        """Continue an interrupted or paused run from its last committed step; completed tool calls are not
+        repeated.
+
+        Args:
+            run_id: the run (`RunResult.run_id`, `ApprovalRequired.run_id`, `Store.list_runs(status=...)`).
+            deps: as for `run`.
+            settings: as for `run`.
+            approvals: decisions on calls waiting for approval, by call id: True runs the call, `Deny(reason)`
+                (or False) refuses it and the model reads the reason. A call still without a decision pauses
+                the run again.
+        """
         result: RunResult[OutputT] | None = None
-        async for event in self.resume_stream(run_id, deps=deps, settings=settings):
+        async for event in self.resume_stream(run_id, deps=deps, settings=settings, approvals=approvals):
             if isinstance(event, FinalEvent):
                 result = event.result
         assert result is not None
         return result
 
     async def resume_stream(
-        self, run_id: str, *, deps: Any = None, settings: ModelSettings | None = None
+        self,
+        run_id: str,
+        *,
+        deps: Any = None,
+        settings: ModelSettings | None = None,
+        approvals: Mapping[str, ApprovalResult] | None = None,
     ) -> AsyncIterator[AgentEvent]:
         """`resume`, yielding events. Waits for the conversation's lease as `run` does."""
         if self.memory is None:
@@ -314,6 +337,7 @@ class Agent(Generic[OutputT]):
             deps=deps,
             settings=self._with_output(settings or self.settings),
             lease_ttl=stored.lease_ttl,
+            approvals=dict(approvals or {}),
         )
         run_messages = state.messages[state.first_new :]
         executed = run_messages[:-1] if run_messages and run_messages[-1].role == "assistant" else run_messages
@@ -392,6 +416,8 @@ class Agent(Generic[OutputT]):
             finally:
                 if heartbeat is not None:
                     heartbeat.cancel()
+        except ApprovalRequired:
+            raise  # stored as paused, lease released
         except MMAgentError as exc:
             await self._end(state, "failed", f"{type(exc).__name__}: {exc}")
             raise
@@ -521,6 +547,7 @@ class Agent(Generic[OutputT]):
         limit = self.usage_limits.max_tool_calls
         if limit is not None and state.tool_calls > limit:
             raise UsageLimitExceeded(f"tool call limit of {limit} reached", state.messages)
+        await self._pause_for_approvals(state, calls)
         for call in calls:
             yield ToolCallEvent(call, state.step)
         progress: asyncio.Queue[ToolProgressEvent] = asyncio.Queue()
@@ -558,6 +585,36 @@ class Agent(Generic[OutputT]):
             if isinstance(part, RetryPart):
                 self._count_retry(state, part)
 
+    async def _pause_for_approvals(self, state: _RunState, calls: Sequence[ToolCallPart]) -> None:
+        """With no approver but a store, a step whose calls need approval (and have no decision from `resume`)
+        pauses before any of its calls runs: the run is stored as `paused` and `ApprovalRequired` raised."""
+        if self.approver is not None or self.memory is None or state.run_id is None:
+            return  # no store to wait in: the registry refuses such calls ("no approval callback")
+        registry = state.registry or self.registry
+        waiting = [
+            c
+            for c in calls
+            if (t := registry.get(c.name)) is not None and t.requires_approval and c.id not in state.approvals
+        ]
+        if waiting:
+            await asyncio.to_thread(self.memory.end_run, state.run_id, "paused", None)
+            raise ApprovalRequired(state.run_id, waiting, state.messages)
+
+    def _approver(self, state: _RunState) -> Approver | None:
+        if not state.approvals:
+            return self.approver
+
+        async def decide(call: ToolCallPart, ctx: ToolContext) -> ApprovalResult:
+            decision = state.approvals.get(call.id)
+            if decision is None:
+                if self.approver is None:
+                    return Deny("no approval callback is configured")
+                answer = self.approver(call, ctx)
+                return await answer if inspect.isawaitable(answer) else answer
+            return decision
+
+        return decide
+
     async def _execute(
         self, state: _RunState, call: ToolCallPart, progress: asyncio.Queue[ToolProgressEvent]
     ) -> ToolResultPart | RetryPart:
@@ -576,9 +633,10 @@ class Agent(Generic[OutputT]):
             add_usage=lambda usage: setattr(state, "usage", state.usage + usage),
         )
         assert state.registry is not None
+        execution = state.registry.execute(call, ctx, self._approver(state))
         if state.trace is not None:  # the call inside an execute_tool span
-            return await state.trace.tool(call, state.registry, state.registry.execute(call, ctx, self.approver))
-        return await state.registry.execute(call, ctx, self.approver)
+            return await state.trace.tool(call, state.registry, execution)
+        return await execution
 
     def _count_retry(self, state: _RunState, retry: RetryPart) -> None:
         name = retry.name or _FORMAT_RETRY

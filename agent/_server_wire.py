@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse
 
 from agent.events import AgentEvent, FinalEvent, ModelResponseEvent, RetryEvent, ToolCallEvent, ToolResultEvent
 from agent.exceptions import (
+    ApprovalRequired,
     ContextOverflowError,
     ConversationBusyError,
     MMAgentError,
@@ -50,8 +51,10 @@ class HTTPProblem(Exception):
         code: str | None = None,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         self.status = status
+        self.extra = extra or {}
         self.message = message
         self.type = type
         self.code = code
@@ -60,7 +63,8 @@ class HTTPProblem(Exception):
         super().__init__(message)
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return {"error": error | self.extra}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
@@ -79,6 +83,11 @@ def problem_for(exc: BaseException) -> HTTPProblem:
             wait = max(1, math.ceil((exc.expires_at - dt.datetime.now(dt.UTC)).total_seconds()))
         return HTTPProblem(
             409, str(exc), type="conflict_error", code="conversation_busy", headers={"Retry-After": str(wait)}
+        )
+    if isinstance(exc, ApprovalRequired):  # the run is stored as paused: decide at /v1/runs/{run_id}/approvals
+        calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in exc.calls]
+        return HTTPProblem(
+            409, str(exc), type="conflict_error", code="approval_required", extra={"run_id": exc.run_id, "calls": calls}
         )
     if isinstance(exc, UserError):
         return HTTPProblem(400, str(exc), code=name)
@@ -175,8 +184,26 @@ MAX_JSON_DEPTH = 64
 """How deeply a request body may nest JSON (tool schemas included); deeper bodies get a 400."""
 
 
-def parse_request(body: bytes) -> ChatRequest:
-    """Decode and validate a request body; a `HTTPProblem` (400) says what is wrong."""
+def parse_approvals(body: bytes) -> dict[str, Any]:
+    """`{"approvals": {call_id: true | false | {"deny": "reason"}}}` -> decisions for `Agent.resume`."""
+    from tools import Deny
+
+    data = _json_object(body)
+    approvals = data.get("approvals")
+    if not isinstance(approvals, dict) or not approvals:
+        raise HTTPProblem(400, 'the body must hold "approvals": {call_id: true | false | {"deny": reason}}')
+    decisions: dict[str, Any] = {}
+    for call_id, decision in approvals.items():
+        if isinstance(decision, bool):
+            decisions[call_id] = decision
+        elif isinstance(decision, dict) and set(decision) == {"deny"} and isinstance(decision["deny"], str):
+            decisions[call_id] = Deny(decision["deny"][:2000])
+        else:
+            raise HTTPProblem(400, f'approvals[{call_id!r}] must be true, false or {{"deny": reason}}')
+    return decisions
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except UnicodeDecodeError as exc:
@@ -194,6 +221,12 @@ def parse_request(body: bytes) -> ChatRequest:
     if not isinstance(data, dict):
         raise HTTPProblem(400, f"the request body must be a JSON object, got {type(data).__name__}")
     check_json_value(data)
+    return data
+
+
+def parse_request(body: bytes) -> ChatRequest:
+    """Decode and validate a request body; a `HTTPProblem` (400) says what is wrong."""
+    data = _json_object(body)
     try:
         request = ChatRequest.model_validate(data)
     except ValidationError as exc:

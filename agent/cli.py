@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,8 +19,8 @@ import typer
 from rich.console import Console
 
 from agent._loop import Agent
-from agent.events import FinalEvent, RetryEvent, TextDeltaEvent, ToolCallEvent, ToolResultEvent
-from agent.exceptions import MMAgentError, UserError
+from agent.events import AgentEvent, FinalEvent, RetryEvent, TextDeltaEvent, ToolCallEvent, ToolResultEvent
+from agent.exceptions import ApprovalRequired, MMAgentError, UserError
 from agent.messages import Message, as_audio_part, as_image_part
 
 app = typer.Typer(help="mmagent: tool-calling agents on Phi-4-multimodal.", no_args_is_help=True)
@@ -139,7 +139,12 @@ def _build(
 
 
 async def _stream(agent: Agent, prompt: Message, conversation_id: str | None, as_json: bool) -> str | None:
-    async for event in agent.run_stream(prompt, conversation_id=conversation_id):
+    return await _show(agent.run_stream(prompt, conversation_id=conversation_id), as_json)
+
+
+async def _show(events: AsyncIterator[AgentEvent], as_json: bool) -> str | None:
+    """Print a run's events (text to stdout, calls and results to stderr); return its conversation id."""
+    async for event in events:
         if isinstance(event, TextDeltaEvent) and not as_json:
             out.print(event.text, end="", markup=False)
         elif isinstance(event, ToolCallEvent):
@@ -173,6 +178,10 @@ async def _stream(agent: Agent, prompt: Message, conversation_id: str | None, as
 def _guard(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
+    except ApprovalRequired as exc:
+        calls = ", ".join(f"{c.name}({json.dumps(c.arguments)[:80]}) [{c.id}]" for c in exc.calls)
+        err.print(f"paused: {calls} wait(s) for approval", markup=False)
+        _fail(f"decide with: mmagent approve {exc.run_id} --db ... (--yes CALL_ID | --no CALL_ID | --all)", 3)
     except MMAgentError as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except KeyboardInterrupt:
@@ -398,6 +407,53 @@ def _check_listening(port: int, api_key: list[str] | None) -> None:
         _fail(f"--port must be between 1 and 65535, got {port}")
     if api_key is not None and not all(k.strip() for k in api_key):
         _fail("--api-key cannot be empty: pass the token clients must send, or leave the option out")
+
+
+@app.command()
+def approve(
+    run_id: Annotated[str, typer.Argument(help="the paused run (printed when it paused)")],
+    db: DbOpt = DEFAULT_DB,
+    yes: Annotated[list[str] | None, typer.Option("--yes", help="approve this call id (repeatable)")] = None,
+    no: Annotated[list[str] | None, typer.Option("--no", help="deny this call id (repeatable)")] = None,
+    reason: Annotated[str, typer.Option(help="why, for denied calls (the model reads it)")] = "denied by the user",
+    approve_all: Annotated[bool, typer.Option("--all", help="approve every waiting call")] = False,
+    model: ModelOpt = "auto",
+    server_model: ServerModelOpt = "microsoft/Phi-4-multimodal-instruct",
+    tools: ToolsOpt = None,
+    files: FilesOpt = None,
+    allow_host: HostOpt = None,
+    mcp: McpOpt = None,
+    mcp_url: McpUrlOpt = None,
+    mcp_token: McpTokenOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """List the calls a paused run waits on; with --yes/--no/--all, decide and continue the run (give the
+    same --model and tool options the run was started with)."""
+
+    def go() -> None:
+        from tools import Deny
+
+        store = _store(db or DEFAULT_DB)
+        stored = store.load_run(run_id)
+        last = stored.messages[-1] if stored.messages else None
+        waiting = list(last.tool_calls) if last is not None and last.role == "assistant" else []
+        if stored.status != "paused" or not waiting:
+            _fail(f"run {run_id} is {stored.status}, not waiting for approvals")
+        if not (yes or no or approve_all):
+            for call in waiting:
+                out.print(f"{call.id}  {call.name}  {json.dumps(call.arguments, ensure_ascii=False)}", markup=False)
+            return
+        ids = {c.id for c in waiting}
+        unknown = sorted({*(yes or []), *(no or [])} - ids)
+        if unknown:
+            _fail(f"no waiting call {unknown[0]!r} in run {run_id} (waiting: {', '.join(sorted(ids))})")
+        decisions: dict[str, Any] = dict.fromkeys(ids if approve_all else yes or [], True)
+        decisions.update({i: Deny(reason) for i in no or []})
+        servers = mcp_servers(mcp, mcp_url, mcp_token)
+        agent = _build(model, server_model, db or DEFAULT_DB, tools, files, allow_host, servers)
+        asyncio.run(_show(agent.resume_stream(run_id, approvals=decisions), as_json))
+
+    _guard(go)
 
 
 def _store(db: str) -> Any:

@@ -12,7 +12,8 @@ MMAgentError                      base of everything below
 ├── RunError                      an agent run stopped before a final answer; `.messages` holds the transcript
 │   ├── RetryBudgetExceeded       the model kept producing unusable calls past the retry budget
 │   ├── MaxStepsExceeded          the run used all its steps
-│   └── UsageLimitExceeded        a token or request limit was reached
+│   ├── UsageLimitExceeded        a token or request limit was reached
+│   └── ApprovalRequired          the run paused: calls wait for a person (`agent.resume(run_id, approvals=...)`)
 └── StoreError                    the memory store failed
     ├── SchemaVersionError        the database was written by a newer mmagent
     └── ConversationBusyError     another run holds the conversation's lease (a conflict: retry later)
@@ -34,9 +35,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import datetime as dt
 
-    from agent.messages import Message
+    from agent.messages import Message, ToolCallPart
 
 __all__ = [
+    "ApprovalRequired",
     "ContextOverflowError",
     "ConversationBusyError",
     "MMAgentError",
@@ -118,6 +120,22 @@ class MaxStepsExceeded(RunError):
 
 class UsageLimitExceeded(RunError):
     """A usage limit (requests, tokens, tool calls) was reached."""
+
+
+class ApprovalRequired(RunError):
+    """The run paused before calls of tools marked `requires_approval`, with no approver to ask: it is stored as
+    `paused` and continues, from any process, with `agent.resume(run_id, approvals={call_id: True | Deny(...)})`.
+
+    Attributes:
+        run_id: the paused run.
+        calls: the calls waiting for a decision (`ToolCallPart`s: id, tool name, arguments).
+    """
+
+    def __init__(self, run_id: str, calls: Sequence[ToolCallPart], messages: Sequence[Message] = ()) -> None:
+        self.run_id = run_id
+        self.calls: tuple[ToolCallPart, ...] = tuple(calls)
+        names = ", ".join(f"{c.name} ({c.id})" for c in self.calls)
+        super().__init__(f"run {run_id} paused: {names} wait(s) for approval", messages)
 
 
 class StoreError(MMAgentError):

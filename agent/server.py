@@ -40,7 +40,10 @@ Limits, each a 4xx in OpenAI's error shape `{"error": {"message", "type", "param
 end of the server: 401 (bad or missing bearer token), 413 (body over `max_body_bytes`), 400 (malformed JSON,
 JSON nested deeper than 64 levels, strings that are not valid Unicode, schema errors, bad or oversized
 media, media the model cannot read, a prompt over `max_prompt_chars`, an unknown conversation), 404 (unknown
-model or route), 409 (the stored conversation is busy with another run), 504 (the request ran past
+model or route), 409 (the stored conversation is busy with another run; or, code `approval_required`, the run
+paused before calls of tools marked `requires_approval`: the error carries `run_id` and `calls`, and `POST
+/v1/runs/{run_id}/approvals` with `{"approvals": {call_id: true | false | {"deny": reason}}}` continues it and
+answers with its chat completion), 504 (the request ran past
 `request_timeout`), 502 (the agent's model server failed), 500 (anything else). Errors after a stream has
 started arrive as a final `data: {"error": ...}` event. A model-mode response carries `Server-Timing:
 model;dur=<ms>`, the time its generation took. Requests run concurrently; `serve()` runs uvicorn with
@@ -79,6 +82,7 @@ from agent._server_wire import (
     chunk_body,
     new_completion_id,
     now,
+    parse_approvals,
     parse_request,
     problem_for,
     settings_for,
@@ -186,6 +190,7 @@ def create_app(
     )
     routes = [
         Route("/v1/chat/completions", service.chat_completions, methods=["POST"]),
+        Route("/v1/runs/{run_id}/approvals", service.approvals, methods=["POST"]),
         Route("/v1/models", service.list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", service.get_model, methods=["GET"]),
         Route("/health", service.health, methods=["GET"]),
@@ -470,6 +475,34 @@ class _Service:
         if summary.final is None:
             raise RuntimeError("the run ended without a final answer")
         return JSONResponse(agent_completion_body(new_completion_id(), name, now(), summary), headers=headers)
+
+    async def approvals(self, request: Request) -> Response:
+        """Decide on a paused run's calls and continue it: `{"approvals": {call_id: true | false | {"deny":
+        "reason"}}}`; the answer is the run's chat completion (or another 409 if calls still wait)."""
+        try:
+            self._authorize(request)
+            decisions = parse_approvals(await self._read_body(request))
+            agent = await self._agent()
+            if agent.memory is None:
+                raise HTTPProblem(400, "approvals need a server with a memory store (--db)", code="no_store")
+            events = agent.resume_stream(request.path_params["run_id"], approvals=decisions)
+            summary = RunSummary()
+            try:
+                async for event in _deadline(events, self.request_timeout):
+                    summary.add(event)
+            finally:
+                await _close(events)
+            if summary.final is None:
+                raise RuntimeError("the run ended without a final answer")
+            body = agent_completion_body(new_completion_id(), self.names[0], now(), summary)
+            return JSONResponse(body)
+        except ClientDisconnect:
+            return Response(status_code=400)
+        except Exception as exc:
+            failure = problem_for(exc)
+            if failure.status >= 500:
+                log.error("approvals failed: %s", failure.message, exc_info=exc)
+            return failure.response()
 
     async def _agent_chunks(
         self, events: AsyncIterator[AgentEvent], first: AgentEvent | None, include_usage: bool, model: str

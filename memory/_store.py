@@ -355,13 +355,15 @@ class Store:
             run = self._run_row(conn, run_id)
             self._leases.clear(conn, run.conversation_id, run_id, only_ours=True)
 
-    def end_run(self, run_id: str, status: Literal["completed", "failed"], error: str | None = None) -> None:
-        """Mark a run completed or failed (a failed run can still be resumed) and release its lease.
+    def end_run(
+        self, run_id: str, status: Literal["completed", "failed", "paused"], error: str | None = None
+    ) -> None:
+        """Mark a run completed, failed or paused (failed and paused runs can be resumed) and release its lease.
 
         A run that another store is driving (it resumed the run after this store's lease lapsed) is left to it.
         """
-        if status not in ("completed", "failed"):
-            raise UserError(f"status must be 'completed' or 'failed', got {status!r}")
+        if status not in ("completed", "failed", "paused"):
+            raise UserError(f"status must be 'completed', 'failed' or 'paused', got {status!r}")
         now = _now()
         with self._database.transaction(write=True) as conn:
             run = self._run_row(conn, run_id)
@@ -370,7 +372,13 @@ class Store:
                 return
             conn.execute(
                 _sql.UPDATE_RUN,
-                {"rid": run_id, "status": status, "error": error, "finished_at": now, "updated_at": now},
+                {
+                    "rid": run_id,
+                    "status": status,
+                    "error": error,
+                    "finished_at": None if status == "paused" else now,
+                    "updated_at": now,
+                },
             )
             if row.lease_run_id == run_id:
                 self._leases.clear(conn, run.conversation_id, run_id, only_ours=False)

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from agent.models import Usage
 
 SearchKind = Literal["text", "tool-result"]
-RunStatus = Literal["running", "completed", "failed"]
+RunStatus = Literal["running", "completed", "failed", "paused"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +40,8 @@ class RunInfo:
     Attributes:
         id: the run's id.
         conversation_id: the conversation it appended to.
-        status: `running` (in progress, or interrupted: resumable), `completed` or `failed`.
+        status: `running` (in progress, or interrupted: resumable), `completed`, `failed`, or `paused` (calls wait
+            for approval: resume with `Agent.resume(run_id, approvals=...)`).
         model_name: the model's name when the run began.
         system_prompt: the system prompt it ran with.
         error: why it failed, for failed runs.
