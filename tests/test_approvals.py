@@ -137,7 +137,9 @@ def payer() -> Iterator[tuple[str, list[dict[str, Any]]]]:
         yield out
 
 
-def test_the_cli_pauses_lists_and_approves(payer: tuple[str, list[dict[str, Any]]], pay_log: Path, tmp_path: Path) -> None:
+def test_the_cli_pauses_lists_and_approves(
+    payer: tuple[str, list[dict[str, Any]]], pay_log: Path, tmp_path: Path
+) -> None:
     url, _ = payer
     db = str(tmp_path / "cli.db")
     common = ["--db", db, "--model", url, "--tools", str(HERE / "pay_tools.py")]

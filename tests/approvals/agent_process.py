@@ -10,13 +10,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pay_tools import pay  # noqa: E402
+from pay_tools import pay
 
-from agent import Agent, Message  # noqa: E402
-from agent.exceptions import ApprovalRequired  # noqa: E402
-from agent.testing import AgentInfo, FunctionModel, call  # noqa: E402
-from memory import Store  # noqa: E402
-from tools import Deny  # noqa: E402
+from agent import Agent, Message
+from agent.exceptions import ApprovalRequired
+from agent.testing import AgentInfo, FunctionModel, call
+from memory import Store
+from tools import Deny
 
 
 def model(messages: list[Message], info: AgentInfo) -> Any:
