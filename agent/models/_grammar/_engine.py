@@ -36,22 +36,6 @@ from agent.models.phi4_format import TOOL_CALL, TOOL_CALL_END, escape_json
 if TYPE_CHECKING:
     import torch
 
-__all__ = [
-    "ANSWER",
-    "PHI4_FORMAT",
-    "TAGGED_FORMAT",
-    "CallFormat",
-    "ConstraintWarning",
-    "GrammarEngine",
-    "SchemaSupport",
-    "ToolCallLogitsProcessor",
-    "ToolCallMatcher",
-    "ToolConstraint",
-    "check_answer_schema",
-    "check_tool_schema",
-    "check_tools",
-]
-
 
 class ConstraintWarning(UserWarning):
     """Decoding is less constrained than asked: a schema the engine cannot express, or no engine at all."""
