@@ -355,9 +355,7 @@ class Store:
             run = self._run_row(conn, run_id)
             self._leases.clear(conn, run.conversation_id, run_id, only_ours=True)
 
-    def end_run(
-        self, run_id: str, status: Literal["completed", "failed", "paused"], error: str | None = None
-    ) -> None:
+    def end_run(self, run_id: str, status: Literal["completed", "failed", "paused"], error: str | None = None) -> None:
         """Mark a run completed, failed or paused (failed and paused runs can be resumed) and release its lease.
 
         A run that another store is driving (it resumed the run after this store's lease lapsed) is left to it.
