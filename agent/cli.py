@@ -1,4 +1,4 @@
-"""The `mmagent` command line: run, chat, serve, history.
+"""The `mmagent` command line: run, chat, serve, mcp, history, eval.
 
 Errors from mmagent (bad paths, unreadable media, missing weights, unreachable servers) print one line and
 exit with status 1; usage errors exit with 2.
@@ -26,6 +26,8 @@ from agent.messages import Message, as_audio_part, as_image_part
 app = typer.Typer(help="mmagent: tool-calling agents on Phi-4-multimodal.", no_args_is_help=True)
 history_app = typer.Typer(help="Stored conversations.", no_args_is_help=True)
 app.add_typer(history_app, name="history")
+eval_app = typer.Typer(help="Evaluations: BFCL tool calling, speech recognition WER.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
 
@@ -502,6 +504,140 @@ def history_export(conversation_id: str, db: DbOpt = DEFAULT_DB, output: Path | 
     except OSError as exc:  # a missing folder, a directory, no permission, a full disk
         _fail(f"cannot write {str(output)!r}: {exc.strerror or exc}")
     err.print(f"wrote {output}")
+
+
+def _report_path(report: Path) -> Path:
+    """Refuse a report path whose folder is missing before any model loads."""
+    if not report.parent.is_dir():
+        _fail(f"cannot write the report {str(report)!r}: no folder {str(report.parent)!r}")
+    if report.is_dir():
+        _fail(f"cannot write the report {str(report)!r}: it is a folder")
+    return report
+
+
+def _write_report(report: Path, data: dict[str, Any]) -> None:
+    try:
+        report.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    except OSError as exc:
+        _fail(f"cannot write the report {str(report)!r}: {exc.strerror or exc}")
+
+
+@eval_app.command("bfcl")
+def eval_bfcl(
+    model: ModelOpt = "auto",
+    server_model: ServerModelOpt = "microsoft/Phi-4-multimodal-instruct",
+    categories: Annotated[
+        list[str] | None,
+        typer.Option("--categories", "-c", help="comma-separated BFCL v4 categories (default: all single-turn ones)"),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="at most N cases per category, a fixed sample")] = None,
+    seed: Annotated[int, typer.Option(help="the sample's seed")] = 0,
+    constrained: Annotated[
+        bool | None,
+        typer.Option("--constrained/--unconstrained", help="grammar on or off (in-process models; default on)"),
+    ] = None,
+    both: Annotated[bool, typer.Option("--both", help="run constrained, then unconstrained")] = False,
+    max_tokens: Annotated[int, typer.Option(min=1, help="tokens per answer")] = 512,
+    report: Annotated[Path, typer.Option(help="where to write the JSON report")] = Path("bfcl-report.json"),
+    data: Annotated[Path | None, typer.Option(help="a folder laid out as bfcl-eval's data/ (default: its own)")] = None,
+) -> None:
+    """Berkeley Function Calling Leaderboard v4 (single-turn categories), AST-checked, through the model seam."""
+    from agent.evals import BFCL_CATEGORIES, bfcl_version, load_bfcl
+    from agent.models import ModelSettings
+    from agent.models.resolve import resolve_model
+
+    _report_path(report)
+    names = [c.strip() for item in categories or [] for c in item.split(",") if c.strip()] or list(BFCL_CATEGORIES)
+    cases = _guard(lambda: load_bfcl(names, data_dir=data, limit=limit, seed=seed))
+    with err.status(f"loading model {model} ..."):
+        backend = _guard(lambda: resolve_model(model, server_model=server_model))
+    err.print(f"[dim]model: {backend.name}; {len(cases)} cases[/dim]")
+    settings = ModelSettings(tool_choice="auto", max_tokens=max_tokens)
+    document: dict[str, Any] = {"benchmark": "BFCL v4", "bfcl_eval": bfcl_version(), "model": backend.name,
+                                "categories": names, "limit": limit, "seed": seed, "max_tokens": max_tokens,
+                                "runs": []}  # fmt: skip
+    runs = []
+    for flag in [True, False] if both else [constrained]:
+        runs.append(_bfcl_mode(backend, cases, flag, settings))
+        document["runs"].append(runs[-1].to_json())
+        _write_report(report, document)  # after each mode: a later failure keeps what ran
+    _print_bfcl(names, runs)
+    err.print(f"wrote {report}")
+
+
+def _bfcl_mode(backend: Any, cases: list[Any], constrained: bool | None, settings: Any) -> Any:
+    """One pass over the cases with the grammar on, off, or as the backend is; a line per category done."""
+    from collections import Counter
+
+    from agent.evals import BfclResult, run_bfcl, with_constraint
+
+    totals = Counter(case.category for case in cases)
+    seen: dict[str, list[int]] = {}  # category -> [right, judged]
+
+    def tick(result: BfclResult) -> None:
+        count = seen.setdefault(result.category, [0, 0])
+        count[0] += result.ok
+        count[1] += 1
+        if count[1] == totals[result.category]:
+            err.print(f"  {result.category}: {count[0]}/{count[1]}")
+
+    async def go() -> Any:
+        with with_constraint(backend, constrained) as mode:
+            err.print(f"[bold]{mode}[/bold]")
+            return await run_bfcl(backend, cases, mode=mode, settings=settings, progress=tick)
+
+    return _guard(lambda: asyncio.run(go()))
+
+
+def _print_bfcl(names: list[str], runs: list[Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title="BFCL v4 AST accuracy")
+    table.add_column("category")
+    table.add_column("cases", justify="right")
+    for run in runs:
+        table.add_column(run.mode, justify="right")
+    counts = [run.counts() for run in runs]
+    for name in names:
+        total = counts[0].get(name, (0, 0))[1] if counts else 0
+        table.add_row(name, str(total), *(f"{c[name][0] / c[name][1]:.3f}" if c.get(name) else "-" for c in counts))
+    table.add_row("overall", str(len(runs[0].results) if runs else 0), *(f"{run.overall:.3f}" for run in runs))
+    out.print(table)
+
+
+@eval_app.command("asr")
+def eval_asr(
+    folder: Annotated[Path, typer.Argument(help="NAME.wav + NAME.txt pairs, or a manifest.jsonl")],
+    model: ModelOpt = "auto",
+    server_model: ServerModelOpt = "microsoft/Phi-4-multimodal-instruct",
+    normalize: Annotated[
+        bool, typer.Option(help="lower-case and strip punctuation on both sides before scoring")
+    ] = True,
+    max_tokens: Annotated[int, typer.Option(min=1, help="tokens per transcription")] = 512,
+    report: Annotated[Path, typer.Option(help="where to write the JSON report")] = Path("asr-report.json"),
+) -> None:
+    """Word error rate of the model's transcriptions (jiwer), one request per clip through the model seam."""
+    from agent.evals import AsrResult, load_asr_folder, run_asr
+    from agent.models import ModelSettings
+    from agent.models.resolve import reads_media, resolve_model
+
+    _report_path(report)
+    clips = _guard(lambda: load_asr_folder(folder))
+    with err.status(f"loading model {model} ..."):
+        backend = _guard(lambda: resolve_model(model, server_model=server_model))
+    if "audio" not in backend.input_modalities or not reads_media(backend):
+        _fail(f"{backend.name} cannot read audio: pass a Phi-4-multimodal model (--model phi4, its folder, or a URL)")
+    err.print(f"[dim]model: {backend.name}; {len(clips)} clips[/dim]")
+    settings = ModelSettings(max_tokens=max_tokens, tool_choice="none")
+
+    def show(result: AsrResult) -> None:
+        err.print(f"  {result.name}: WER {result.wer:.3f}")
+
+    run = _guard(lambda: asyncio.run(run_asr(backend, clips, normalize=normalize, settings=settings, progress=show)))
+    _write_report(report, {"benchmark": "ASR WER", **run.to_json()})
+    out.print(f"WER {run.wer:.4f} over {len(run.results)} clips ({run.substitutions} substitutions, "
+              f"{run.deletions} deletions, {run.insertions} insertions; {run.hits} words right)")  # fmt: skip
+    err.print(f"wrote {report}")
 
 
 def main() -> None:

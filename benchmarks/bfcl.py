@@ -1,0 +1,96 @@
+"""BFCL v4 AST accuracy of SmolLM2-135M-Instruct in process, grammar-constrained against free decoding.
+
+The real path of `mmagent eval bfcl`: the cases come from the installed `bfcl-eval` package (`agent.evals.
+load_bfcl`: a fixed sample of N per category, seed 0), the function docs become `ToolDefinition`s, each case is
+one `TransformersModel.request` with `ModelSettings(tool_choice="auto")`, and the calls are judged by
+`agent.evals.check_calls` (BFCL's AST rules). The same model object runs constrained (the default), then with
+its grammar switched off (`with_constraint`); same cases, greedy decoding, same token budget.
+
+N: 8 per category by default. Under `auto` SmolLM2 writes text to the 256-token budget on most of these
+prompts; on 2 cores shared with other jobs (load average 2-4) a case took 16-25 s (one torch thread: two
+threads on a busy 2-core machine ran ~8x slower), so 4 categories x 2 modes x 8 cases is ~17-27 minutes
+(200 a category would take ~7-9 hours). 256 tokens holds the 95th percentile of BFCL's parallel answers written
+as a `<tool_call>` block in SmolLM2's tokens (192; median 112), so the budget does not cut a right answer short.
+
+    python benchmarks/bfcl.py [--n 8] [--categories simple,multiple,parallel,irrelevance] [--max-tokens 256]
+                              [--tool-choice auto] [--threads 1] [--report bfcl_bench.json]
+
+Last line: `bfcl_constrained=<float> bfcl_unconstrained=<float>` (overall AST accuracy over all cases run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from agent.evals import BfclResult, BfclRun, bfcl_version, load_bfcl, run_bfcl, with_constraint
+from agent.models import ModelSettings
+from agent.models.transformers import TransformersModel
+
+
+def show(result: BfclResult) -> None:
+    calls = json.dumps(result.calls)[:100]
+    text = result.text[:60].replace("\n", " ")
+    mark = "ok " if result.ok else "bad"
+    line = f"  {mark} {result.id:24s} {result.seconds:5.1f}s  {calls or '-'}  {text!r}  {result.reason[:80]}"
+    print(line, flush=True)
+
+
+def table(categories: list[str], runs: list[BfclRun]) -> None:
+    print(f"\n{'category':20s} {'cases':>5s} " + " ".join(f"{r.mode:>14s}" for r in runs))
+    counts = [r.counts() for r in runs]
+    for name in categories:
+        row = " ".join(f"{c[name][0]:>4d}/{c[name][1]:<3d} {c[name][0] / c[name][1]:5.3f}" for c in counts)
+        print(f"{name:20s} {counts[0][name][1]:5d} {row}")
+    print(f"{'overall':20s} {len(runs[0].results):5d} " + " ".join(f"{r.overall:14.3f}" for r in runs))
+    for run in runs:
+        failures = Counter(x.kind for x in run.results if not x.ok)
+        calls = sum(bool(x.calls) for x in run.results)
+        seconds = run.seconds / max(1, len(run.results))
+        print(f"{run.mode}: {calls} of {len(run.results)} answers held a call; {seconds:.1f} s a case; "
+              f"failures {dict(sorted(failures.items()))}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=8, help="cases per category (a fixed sample, seed 0)")
+    parser.add_argument("--categories", default="simple,multiple,parallel,irrelevance")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--tool-choice", default="auto", help="auto (BFCL's setting) or required")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report", type=Path, default=None, help="also write the JSON report here")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared 2-core box)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()]
+
+    cases = load_bfcl(categories, limit=args.n, seed=args.seed)
+    started = time.perf_counter()
+    model = TransformersModel.smollm2(progress=False)
+    print(f"SmolLM2-135M-Instruct loaded in {time.perf_counter() - started:.1f} s; bfcl-eval {bfcl_version()}; "
+          f"{len(cases)} cases ({args.n} a category, seed {args.seed}); tool_choice={args.tool_choice}, "
+          f"max_tokens={args.max_tokens}; {args.threads} torch thread(s)", flush=True)  # fmt: skip
+    settings = ModelSettings(tool_choice=args.tool_choice, max_tokens=args.max_tokens)
+    runs: list[BfclRun] = []
+    for constrained in (True, False):
+        with with_constraint(model, constrained) as mode:
+            print(f"\n{mode}", flush=True)
+            runs.append(asyncio.run(run_bfcl(model, cases, mode=mode, settings=settings, progress=show)))
+    table(categories, runs)
+    if args.report is not None:
+        args.report.write_text(json.dumps({"runs": [r.to_json() for r in runs]}, indent=1) + "\n")
+    by_mode = {r.mode: r.overall for r in runs}
+    print(f"bfcl_constrained={by_mode.get('constrained', 0.0):.4f} bfcl_unconstrained={by_mode['unconstrained']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
