@@ -20,6 +20,7 @@ from agent.events import (
     FinalEvent,
     ModelResponseEvent,
     OutputT,
+    PartialOutputEvent,
     RetryEvent,
     RunResult,
     TextDeltaEvent,
@@ -85,6 +86,7 @@ class _RunState:
 _FORMAT_RETRY = "(output format)"
 _OUTPUT_RETRY = "(output type)"
 _MAX_ERROR = 1500  # characters of a validation error shown to the model
+_MAX_PARTIAL = 65536  # characters of a streamed answer re-validated on each delta (beyond: the final event only)
 
 
 class Agent(Generic[OutputT]):
@@ -375,6 +377,14 @@ class Agent(Generic[OutputT]):
             return settings
         return dataclasses.replace(settings, response_format=self._output_format)
 
+    def _partial_output(self, text: str) -> Any:
+        """The streamed answer so far as a partial output value, or None while it is not one yet."""
+        assert self._output is not None
+        try:
+            return self._output.validate_json(text, experimental_allow_partial="trailing-strings")
+        except ValueError:  # ValidationError, or JSON that cannot become the type yet
+            return None
+
     def _read_output(self, final: Message) -> tuple[Any, RetryPart | None]:
         """The final answer as `output_type` (or its text), or the retry telling the model why it is not one."""
         if self._output is None:
@@ -495,9 +505,16 @@ class Agent(Generic[OutputT]):
             stream = self.model.request_stream(to_send, tools, state.settings)
             if state.trace is not None:  # the request inside a chat span
                 stream = state.trace.chat(to_send, tools, state.settings, stream)
+            streamed, shown = "", None
             async for item in stream:
                 if isinstance(item, TextDelta):
                     yield TextDeltaEvent(item.text, state.step)
+                    if self._output is not None and len(streamed) < _MAX_PARTIAL:
+                        streamed += item.text
+                        partial = self._partial_output(streamed)
+                        if partial is not None and partial != shown:
+                            shown = partial
+                            yield PartialOutputEvent(partial, state.step)
                 elif isinstance(item, ModelResponse):  # calls are run from the response, not from deltas
                     response = item
             if response is None:

@@ -14,6 +14,7 @@ __all__ = [
     "AgentEvent",
     "FinalEvent",
     "ModelResponseEvent",
+    "PartialOutputEvent",
     "RetryEvent",
     "RunResult",
     "TextDeltaEvent",
@@ -118,6 +119,15 @@ class UsageEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class PartialOutputEvent:
+    """With `Agent(output_type=T)`, while the answer streams: the JSON so far validated as a partial `T` (its
+    last string or list may still grow; fields not yet written take their defaults). Sent when it changes."""
+
+    output: Any
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
 class FinalEvent:
     """The run finished with an answer."""
 
@@ -133,5 +143,6 @@ AgentEvent = (
     | ToolResultEvent
     | RetryEvent
     | UsageEvent
+    | PartialOutputEvent
     | FinalEvent
 )

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from agent import Agent, Message
 from agent.exceptions import RetryBudgetExceeded, UserError
 from agent.messages import RetryPart
-from agent.models import ModelSettings, ResponseFormat, Usage
+from agent.models import ModelSettings, ResponseFormat, TextDelta, Usage
 from agent.testing import AgentInfo, FunctionModel, call
 from memory import Store
 
@@ -163,3 +163,27 @@ def test_through_mmagent_serve_with_openai_model(tiny_phi4: Any) -> None:
 @pytest.mark.slow
 def test_through_mmagent_serve_with_openai_model_200(tiny_phi4: Any) -> None:
     _check_over_http(tiny_phi4, 200)
+
+
+async def test_a_streamed_answer_yields_growing_validated_partial_outputs() -> None:
+    from agent import PartialOutputEvent
+    from agent.testing import ReplayModel
+
+    text = '{"left": 522250, "right": "Lyon on the Rhone"}'
+
+    class Pieces(ReplayModel):
+        async def request_stream(self, messages: Any, tools: Any, settings: ModelSettings) -> Any:
+            for i in range(1, len(text), 5):
+                yield TextDelta(text[i - 1 : i + 4])
+            async for item in super().request_stream(messages, tools, settings):
+                if not isinstance(item, TextDelta):
+                    yield item
+
+    partials = [
+        event.output
+        async for event in Agent(Pieces([text + "<|end|>"]), output_type=Pair).run_stream("pair?")
+        if isinstance(event, PartialOutputEvent)
+    ]
+    assert partials[0] == Pair(left=522250, right="") or partials[0].right.startswith("L")
+    assert [p.right for p in partials] == sorted({p.right for p in partials}, key=len)  # the string grows
+    assert partials[-1] == Pair(left=522250, right="Lyon on the Rhone")
