@@ -17,9 +17,24 @@ the last committed step without repeating a tool call whose result was committed
 stored once per sha256 however often they appear. A run holds its conversation's lease until it ends, so
 runs on one conversation take turns across threads and processes; one that waits past
 `Store(lease_wait=...)` raises `agent.exceptions.ConversationBusyError`.
+
+The same store keeps ingested media (`agent.ingest` fills it): collections of sources (files), their segments
+(scenes, audio windows, pages) with keyframes and clips, extractors' features and embedders' vectors;
+`Store.search_media` finds segments by words and vectors (full text and cosine, fused by rank).
 """
 
 from agent.exceptions import SchemaVersionError, StoreError
+from memory._media_values import (
+    CollectionInfo,
+    MediaFeature,
+    MediaHit,
+    MediaKind,
+    MediaRef,
+    MediaSegment,
+    MediaSource,
+    NewSegment,
+    SegmentKind,
+)
 from memory._migrations import SCHEMA_VERSION
 from memory._recall import recall_tool
 from memory._store import EXPORT_FORMAT, Store
@@ -28,10 +43,19 @@ from memory._values import ConversationInfo, RunInfo, SearchHit
 __all__ = [
     "EXPORT_FORMAT",
     "SCHEMA_VERSION",
+    "CollectionInfo",
     "ConversationInfo",
+    "MediaFeature",
+    "MediaHit",
+    "MediaKind",
+    "MediaRef",
+    "MediaSegment",
+    "MediaSource",
+    "NewSegment",
     "RunInfo",
     "SchemaVersionError",
     "SearchHit",
+    "SegmentKind",
     "Store",
     "StoreError",
     "recall_tool",

@@ -20,15 +20,20 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
+    Boolean,
     Column,
     Connection,
+    Float,
     ForeignKey,
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
+    UniqueConstraint,
     func,
     inspect,
     select,
@@ -78,8 +83,9 @@ def _m1_initial(conn: Connection) -> None:
     )
     conversations_v1.create(conn)
     runs_v1.create(conn)
-    later = {_schema.conversations.name, _schema.runs.name}  # tables migration 1 creates from a frozen copy
-    _schema.metadata.create_all(conn, tables=[t for t in _schema.metadata.sorted_tables if t.name not in later])
+    # The other version-1 tables, by name: tables added later are created by their own migrations.
+    v1 = ("mm_steps", "mm_messages", "mm_artifacts", "mm_parts")
+    _schema.metadata.create_all(conn, tables=[_schema.metadata.tables[name] for name in v1])
     if conn.dialect.name == "sqlite":
         # External-content FTS5 over text parts, kept in sync by triggers (cascading deletes fire them too).
         conn.exec_driver_sql(
@@ -118,7 +124,109 @@ def _m3_parent_run(conn: Connection) -> None:
     conn.exec_driver_sql("CREATE INDEX mm_runs_parent ON mm_runs (parent_run_id)")
 
 
-MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_m1_initial, _m2_conversation_lease, _m3_parent_run)
+def _m4_media(conn: Connection) -> None:
+    """Media ingestion: collections, sources, segments, their media and features (full-text indexed), and the
+    registry of embedders (whose vector tables are made on first use)."""
+    frozen = MetaData()
+    Table("mm_artifacts", frozen, Column("sha256", String(64), primary_key=True))  # referenced, not created
+    row_id = BigInteger().with_variant(Integer(), "sqlite")
+    created = [
+        Table(
+            "mm_collections",
+            frozen,
+            Column("id", row_id, primary_key=True, autoincrement=True),
+            Column("name", String(255), nullable=False, unique=True),
+            Column("created_at", _schema.UTCDateTime, nullable=False),
+        ),
+        Table(
+            "mm_sources",
+            frozen,
+            Column("id", row_id, primary_key=True, autoincrement=True),
+            Column("collection_id", ForeignKey("mm_collections.id", ondelete="CASCADE"), nullable=False),
+            Column("uri", Text, nullable=False),
+            Column("sha256", String(64), nullable=False),
+            Column("kind", String(16), nullable=False),
+            Column("media_type", String(255), nullable=False),
+            Column("size", BigInteger, nullable=False),
+            Column("duration", Float, nullable=True),
+            Column("pages", Integer, nullable=True),
+            Column("local_path", Text, nullable=True),
+            Column("metadata", JSON, nullable=False),
+            Column("complete", Boolean, nullable=False),
+            Column("created_at", _schema.UTCDateTime, nullable=False),
+            Column("updated_at", _schema.UTCDateTime, nullable=False),
+            UniqueConstraint("collection_id", "uri", name="mm_sources_uri"),
+        ),
+        Table(
+            "mm_segments",
+            frozen,
+            Column("id", row_id, primary_key=True, autoincrement=True),
+            Column("source_id", ForeignKey("mm_sources.id", ondelete="CASCADE"), nullable=False),
+            Column("kind", String(16), nullable=False),
+            Column("idx", Integer, nullable=False),
+            Column("start_s", Float, nullable=True),
+            Column("end_s", Float, nullable=True),
+            Column("page", Integer, nullable=True),
+            UniqueConstraint("source_id", "kind", "idx", name="mm_segments_order"),
+        ),
+        Table(
+            "mm_segment_media",
+            frozen,
+            Column("segment_id", ForeignKey("mm_segments.id", ondelete="CASCADE"), nullable=False),
+            Column("position", Integer, nullable=False),
+            Column("role", String(16), nullable=False),
+            Column("time_s", Float, nullable=True),
+            Column("artifact_sha256", ForeignKey("mm_artifacts.sha256"), nullable=False),
+            PrimaryKeyConstraint("segment_id", "position", name="mm_segment_media_pk"),
+            Index("mm_segment_media_artifact", "artifact_sha256"),
+        ),
+        Table(
+            "mm_features",
+            frozen,
+            Column("id", row_id, primary_key=True, autoincrement=True),
+            Column("segment_id", ForeignKey("mm_segments.id", ondelete="CASCADE"), nullable=False),
+            Column("extractor", String(255), nullable=False),
+            Column("version", String(255), nullable=False),
+            Column("text", Text, nullable=False),
+            Column("data", JSON, nullable=False),
+            Column("created_at", _schema.UTCDateTime, nullable=False),
+            UniqueConstraint("segment_id", "extractor", name="mm_features_extractor"),
+        ),
+        Table(
+            "mm_embedders",
+            frozen,
+            Column("id", row_id, primary_key=True, autoincrement=True),
+            Column("name", String(255), nullable=False, unique=True),
+            Column("dim", Integer, nullable=False),
+            Column("created_at", _schema.UTCDateTime, nullable=False),
+        ),
+    ]
+    frozen.create_all(conn, tables=created)
+    if conn.dialect.name == "sqlite":
+        # Feature text in FTS5, kept in sync by triggers as mm_parts_fts is (cascading deletes fire them too).
+        conn.exec_driver_sql(
+            "CREATE VIRTUAL TABLE mm_features_fts USING fts5(text, content='mm_features', content_rowid='id', "
+            "tokenize='porter unicode61 remove_diacritics 2')"
+        )
+        add = "INSERT INTO mm_features_fts(rowid, text) VALUES (new.id, new.text);"
+        remove = "INSERT INTO mm_features_fts(mm_features_fts, rowid, text) VALUES ('delete', old.id, old.text);"
+        conn.exec_driver_sql(f"CREATE TRIGGER mm_features_fts_ai AFTER INSERT ON mm_features BEGIN {add} END")
+        conn.exec_driver_sql(f"CREATE TRIGGER mm_features_fts_ad AFTER DELETE ON mm_features BEGIN {remove} END")
+        conn.exec_driver_sql(
+            f"CREATE TRIGGER mm_features_fts_au AFTER UPDATE OF text ON mm_features BEGIN {remove} {add} END"
+        )
+    elif conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(
+            "CREATE INDEX mm_features_fts ON mm_features USING GIN (to_tsvector('english', left(text, 100000)))"
+        )
+
+
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
+    _m1_initial,
+    _m2_conversation_lease,
+    _m3_parent_run,
+    _m4_media,
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -13,11 +13,25 @@ mm_messages       id, conversation -> mm_conversations, position (0, 1, ... per 
 mm_parts          id, message -> mm_messages, position, sub, kind, text, media_type, payload (JSON),
                   artifact -> mm_artifacts
 mm_artifacts      sha256 (hex, primary key), media_type, size, data (null when the bytes live in a file)
+
+mm_collections    id, name (unique), created_at
+mm_sources        id, collection -> mm_collections, uri (unique per collection), sha256, kind, media_type, size,
+                  duration, pages, local_path, metadata, complete, created_at, updated_at
+mm_segments       id, source -> mm_sources, kind, idx (unique per source and kind), start_s, end_s, page
+mm_segment_media  (segment -> mm_segments, position), role "keyframe" | "clip", time_s, artifact -> mm_artifacts
+mm_features       id, segment -> mm_segments, extractor (unique per segment), version, text, data, created_at
+mm_embedders      id, name (unique), dim, created_at; each embedder's vectors live in a table `mm_vec_<id>`
+                  made on first use (`memory._media_search`): sqlite-vec's vec0 on SQLite, pgvector on PostgreSQL
 ```
 
 A part row with `sub = 0` is the message's part at `position`; a tool result's content items are stored as
 rows with the same `position` and `sub = 1, 2, ...`, so text and media inside tool results are indexed and
 deduplicated like any other part. Deleting a conversation cascades to its runs, steps, messages and parts.
+
+Media (migration 4): a collection holds sources (files), a source holds segments (scenes, audio windows, pages,
+a whole image), a segment holds its keyframes and clips (artifacts, shared with messages) and one feature per
+extractor; feature text is indexed for full-text search like text parts. Deleting a collection or a source
+cascades down to its features; artifacts stay until `Store.collect_garbage`.
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Dialect,
@@ -47,6 +62,7 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 
 SCHEMA_VERSION_TABLE = "mm_schema_version"
 FTS_TABLE = "mm_parts_fts"
+FEATURES_FTS_TABLE = "mm_features_fts"
 PG_FTS_CONFIG = "english"
 PG_FTS_MAX_CHARS = 100_000  # PostgreSQL indexes the first 100K characters of a part (tsvector size limit)
 
@@ -170,3 +186,78 @@ parts = Table(
 )
 _has_artifact = parts.c.artifact_sha256.is_not(None)
 Index("mm_parts_artifact", parts.c.artifact_sha256, sqlite_where=_has_artifact, postgresql_where=_has_artifact)
+
+collections = Table(
+    "mm_collections",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("name", String(255), nullable=False, unique=True),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+sources = Table(
+    "mm_sources",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("collection_id", ForeignKey("mm_collections.id", ondelete="CASCADE"), nullable=False),
+    Column("uri", Text, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("media_type", String(255), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("duration", Float, nullable=True),
+    Column("pages", Integer, nullable=True),
+    Column("local_path", Text, nullable=True),
+    Column("metadata", JSON, nullable=False, key="meta"),
+    Column("complete", Boolean, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    UniqueConstraint("collection_id", "uri", name="mm_sources_uri"),
+)
+
+segments = Table(
+    "mm_segments",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("source_id", ForeignKey("mm_sources.id", ondelete="CASCADE"), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("idx", Integer, nullable=False),
+    Column("start_s", Float, nullable=True),
+    Column("end_s", Float, nullable=True),
+    Column("page", Integer, nullable=True),
+    UniqueConstraint("source_id", "kind", "idx", name="mm_segments_order"),
+)
+
+segment_media = Table(
+    "mm_segment_media",
+    metadata,
+    Column("segment_id", ForeignKey("mm_segments.id", ondelete="CASCADE"), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("time_s", Float, nullable=True),
+    Column("artifact_sha256", ForeignKey("mm_artifacts.sha256"), nullable=False),
+    PrimaryKeyConstraint("segment_id", "position", name="mm_segment_media_pk"),
+    Index("mm_segment_media_artifact", "artifact_sha256"),
+)
+
+features = Table(
+    "mm_features",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("segment_id", ForeignKey("mm_segments.id", ondelete="CASCADE"), nullable=False),
+    Column("extractor", String(255), nullable=False),
+    Column("version", String(255), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("data", JSON, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    UniqueConstraint("segment_id", "extractor", name="mm_features_extractor"),
+)
+
+embedders = Table(
+    "mm_embedders",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("name", String(255), nullable=False, unique=True),
+    Column("dim", Integer, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)

@@ -12,19 +12,20 @@ from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Text, bindparam, delete, exists, func, insert, select, text, type_coerce, update
+from sqlalchemy import Connection, Text, bindparam, delete, func, insert, select, text, type_coerce, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from agent.exceptions import StoreError, UserError
 from agent.messages import AudioPart, ImagePart, Message, ToolResultPart, from_openai, to_openai
 from agent.models import Usage
 from agent.protocols import Phase, StartedRun, StoredRun
-from memory import _migrations, _search, _sql
+from memory import _media_search, _migrations, _search, _sql
 from memory import _schema as s
 from memory._blobs import BlobFiles
 from memory._codec import Artifact, Encoded, decode, encode, media_part
 from memory._engine import Database, open_database
 from memory._lease import Busy, Leases
+from memory._media import MediaStoreMixin, unreferenced
 from memory._values import ConversationInfo, RunInfo, RunStatus, SearchHit
 
 MiB = 1 << 20
@@ -64,12 +65,16 @@ def _title(messages: Sequence[Message]) -> str | None:
     return None
 
 
-class Store:
+class Store(MediaStoreMixin):
     """Conversations, runs and media in SQLite (default) or any SQLAlchemy database; implements `RunStore`.
 
     Every message, part and step is committed as it happens, each write in one transaction. Media bytes are
     stored once per sha256 and referenced from parts; values handed back are plain `agent.messages`
     values, equal to what was stored, with no database ids in them.
+
+    The same database keeps ingested media (`MediaStoreMixin`): collections of sources, their segments with
+    keyframes and clips (artifacts shared with messages), extractors' features and embedders' vectors, and
+    `search_media` over them.
 
     The constructor opens the database and applies pending schema migrations (creating the tables in a new
     or empty database); it does nothing else. Use it as a context manager or call `close()`. A store is
@@ -143,6 +148,7 @@ class Store:
         if file_artifacts_over is not None and self._db.path is None:
             self._db.engine.dispose()
             raise UserError("file_artifacts_over needs an SQLite database file (artifacts go next to it)")
+        _media_search.prepare(self._db)  # sqlite-vec, where sqlite3 cannot load extensions (before any connection)
         path = self._db.path
         # Files are always readable next to an SQLite file; new ones are written only with the threshold set.
         self._files = BlobFiles(path.with_name(path.name + ".artifacts")) if path is not None else None
@@ -488,13 +494,11 @@ class Store:
         self._remove_files(filed)
 
     def collect_garbage(self) -> int:
-        """Delete artifacts no part references, and artifact files without a row; return how many went."""
+        """Delete artifacts no message part or media segment references, and artifact files without a row; return
+        how many went."""
         with self._database.transaction(write=True) as conn:
             self._lock_artifacts(conn, exclusive=True)
-            a, p = s.artifacts.c, s.parts.c
-            orphans = (
-                conn.execute(select(a.sha256).where(~exists().where(p.artifact_sha256 == a.sha256))).scalars().all()
-            )
+            orphans = conn.execute(select(s.artifacts.c.sha256).where(unreferenced())).scalars().all()
             filed = self._drop_orphans(conn, orphans)
         removed = len(orphans)
         if self._files is not None:
@@ -863,14 +867,12 @@ class Store:
         ]
 
     def _drop_orphans(self, conn: Connection, candidates: Sequence[str]) -> set[str]:
-        """Delete the candidate artifacts no part references; return those whose bytes live in files."""
-        a, p = s.artifacts.c, s.parts.c
+        """Delete the candidate artifacts no part or segment references; return those whose bytes live in files."""
+        a = s.artifacts.c
         filed: set[str] = set()
         for chunk in _chunks(list(candidates)):
             rows = conn.execute(
-                select(a.sha256, a.data.is_(None).label("in_file")).where(
-                    a.sha256.in_(chunk), ~exists().where(p.artifact_sha256 == a.sha256)
-                )
+                select(a.sha256, a.data.is_(None).label("in_file")).where(a.sha256.in_(chunk), unreferenced())
             ).all()
             if rows:
                 conn.execute(delete(s.artifacts).where(a.sha256.in_([r.sha256 for r in rows])))

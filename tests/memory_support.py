@@ -7,6 +7,7 @@ They skip when no server answers; `MMAGENT_TEST_POSTGRES` (a libpq conninfo stri
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import uuid
 from collections.abc import Iterator
@@ -116,3 +117,17 @@ def pg_size(url: str, tables: tuple[str, ...] | None = None) -> int:
         """
     )
     return int(str(rows[0][0]))
+
+
+@functools.cache
+def _pgvector_available() -> bool:
+    return bool(pg_execute("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'"))
+
+
+def need_vectors(store_url: str) -> None:
+    """Skip, saying why, where this backend cannot store vectors here."""
+    if store_url.startswith("postgresql"):
+        if not _pgvector_available():
+            pytest.skip("the PostgreSQL server has no pgvector extension (pg_available_extensions lacks 'vector')")
+    elif importlib.util.find_spec("sqlite_vec") is None:
+        pytest.skip("sqlite-vec is not installed (pip install 'mmagent[ingest]')")

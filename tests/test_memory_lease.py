@@ -321,12 +321,12 @@ def test_a_version_1_database_migrates_to_the_lease(store_url: str, monkeypatch:
         engine.dispose()
         assert not {"lease_run_id", "lease_holder", "lease_expires_at"} & columns
     with Store(store_url) as store:
-        assert store.schema_version == _migrations.SCHEMA_VERSION == 3
+        assert store.schema_version == _migrations.SCHEMA_VERSION == 4
         with store._database.transaction(write=False) as conn:
             versions = conn.execute(text("SELECT version FROM mm_schema_version ORDER BY version")).scalars().all()
             found = {c["name"]: c for c in inspect(conn).get_columns("mm_conversations")}
             runs = {c["name"] for c in inspect(conn).get_columns("mm_runs")}
-        assert versions == [1, 2, 3]
+        assert versions == [1, 2, 3, 4]
         assert set(found) == {c.name for c in schema.conversations.columns}
         assert runs == {c.name for c in schema.runs.columns}  # migration 3: parent_run_id
         assert all(found[name]["nullable"] for name in ("lease_run_id", "lease_holder", "lease_expires_at"))

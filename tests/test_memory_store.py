@@ -84,8 +84,9 @@ def multimodal_conversation() -> list[Message]:
 
 def test_public_names_are_pinned() -> None:
     assert sorted(memory.__all__) == [
-        "ConversationInfo", "EXPORT_FORMAT", "RunInfo", "SCHEMA_VERSION", "SchemaVersionError", "SearchHit",
-        "Store", "StoreError", "recall_tool",
+        "CollectionInfo", "ConversationInfo", "EXPORT_FORMAT", "MediaFeature", "MediaHit", "MediaKind", "MediaRef",
+        "MediaSegment", "MediaSource", "NewSegment", "RunInfo", "SCHEMA_VERSION", "SchemaVersionError", "SearchHit",
+        "SegmentKind", "Store", "StoreError", "recall_tool",
     ]  # fmt: skip
 
 
