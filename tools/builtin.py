@@ -26,12 +26,12 @@ import stat
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePath
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 from pydantic import Field
 
 from agent.exceptions import MediaError, ModelRetry, UserError
 from agent.messages import ImagePart, as_image_part
+from tools._fetch import FetchRefused, confined_get
 from tools._registry import Tool
 
 __all__ = ["calculator", "file_tools", "http_tool"]
@@ -244,31 +244,6 @@ def file_tools(root: str | Path, *, max_bytes: int = 2_000_000) -> list[Tool]:
 
 # ---------------------------------------------------------------- network
 
-_MAX_REDIRECTS = 5
-
-
-def _shown_url(url: str) -> str:
-    return url if len(url) <= 200 else url[:197] + "..."
-
-
-def _http_refusal(url: str, exc: Exception) -> str:
-    """A short message for an httpx failure, naming the URL and never the exception's own text."""
-    import httpx
-
-    if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol):
-        return f"{_quote(url)} is not a valid URL"
-    shown = _shown_url(url)
-    described: tuple[tuple[type[Exception], str], ...] = (
-        (httpx.TimeoutException, "timed out fetching {}"),
-        (httpx.ConnectError, "could not connect to {}"),
-        (httpx.NetworkError, "the connection broke while fetching {}"),
-        (httpx.DecodingError, "could not decode the response from {}"),
-        (httpx.ProtocolError, "the server at {} sent an invalid HTTP response"),
-    )
-    return next(
-        (message.format(shown) for kind, message in described if isinstance(exc, kind)), f"fetching {shown} failed"
-    )
-
 
 def http_tool(
     allowed_hosts: Iterable[str], *, max_bytes: int = 500_000, timeout: float = 10.0, transport: Any = None
@@ -285,51 +260,20 @@ def http_tool(
     if not hosts:
         raise UserError("http_tool needs at least one allowed host")
 
-    def check(url: str, *, via: str | None = None) -> None:
-        try:
-            parts = urlsplit(url)
-            hostname = parts.hostname
-        except ValueError:  # e.g. "http://[::1"
-            raise ModelRetry(f"{_quote(url)} is not a valid URL") from None
-        refusal = None
-        if parts.scheme not in ("http", "https"):
-            refusal = f"only http and https URLs can be fetched, not {parts.scheme or 'no scheme'!r}"
-        elif (hostname or "").lower() not in hosts:
-            refusal = f"host {hostname!r} is not allowed; allowed: {', '.join(sorted(hosts))}"
-        if refusal is not None:
-            raise ModelRetry(refusal if via is None else f"{via} redirected to {_quote(url)}: {refusal}")
-
     async def fetch_url(url: str) -> str:
         """Fetch a web page and return its text.
 
         Args:
             url: an http(s) URL on one of the allowed hosts.
         """
-        import httpx
-
-        check(url)
-        start = url
-        async with httpx.AsyncClient(timeout=timeout, transport=transport, follow_redirects=False) as client:
-            for _ in range(_MAX_REDIRECTS + 1):
-                try:
-                    async with client.stream("GET", url) as response:
-                        if response.is_redirect:
-                            target = str(response.url.join(response.headers.get("location", "")))
-                            check(target, via=url)
-                            url = target
-                            continue
-                        if response.status_code >= 400:
-                            raise ModelRetry(f"the server answered {response.status_code} for {url}")
-                        body = b""
-                        async for chunk in response.aiter_bytes():
-                            body += chunk
-                            if len(body) >= max_bytes:
-                                body = body[:max_bytes]
-                                break
-                        return body.decode(response.encoding or "utf-8", errors="replace")
-                except (httpx.HTTPError, httpx.InvalidURL) as exc:
-                    raise ModelRetry(_http_refusal(url, exc)) from None
-            raise ModelRetry(f"too many redirects from {_shown_url(start)}")
+        body = bytearray()
+        try:
+            fetched = await confined_get(
+                url, hosts, max_bytes=max_bytes, read_timeout=timeout, sink=body.extend, transport=transport
+            )
+        except FetchRefused as exc:
+            raise ModelRetry(str(exc)) from None
+        return bytes(body).decode(fetched.encoding or "utf-8", errors="replace")
 
     return Tool.from_function(fetch_url, timeout=timeout * 2)
 
