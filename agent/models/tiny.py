@@ -13,7 +13,8 @@ weights. It keeps what the real model's code paths depend on:
 * longrope with `original_max_position_embeddings=4096`, so the rope switch happens where it does for real.
 
 `build_tiny_chat(folder)` writes a tiny random Llama with a ChatML template (like SmolLM2) for the backend's
-path for plain chat models.
+path for plain chat models. `build_tiny_clip(folder)` writes a tiny random CLIP (text and image towers) for the
+embedder (`agent.embedding`).
 
 `ScriptedOutputs` is a logits processor that forces given completions token by token: a random model emits
 noise, so tests and benchmarks script its turns while still running every forward pass for real.
@@ -22,6 +23,7 @@ noise, so tests and benchmarks script its turns while still running every forwar
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +31,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PHI4_ADDED_TOKENS", "ScriptedOutputs", "build_tiny_chat", "build_tiny_phi4", "phi4_control_strings"]
+__all__ = [
+    "PHI4_ADDED_TOKENS",
+    "ScriptedOutputs",
+    "build_tiny_chat",
+    "build_tiny_clip",
+    "build_tiny_phi4",
+    "phi4_control_strings",
+]
 
 # The 66 added tokens of Phi-4-multimodal (ids 199998..200063): (offset from 199998, content, special, rstrip).
 # Placeholder ids hold `<|dummy_N|>` as in the reference tokenizer.
@@ -331,3 +340,81 @@ class ScriptedOutputs:
 def phi4_control_strings() -> Sequence[str]:
     """The content of every Phi-4 added token (control, tool, media and placeholder tokens)."""
     return [content for content, _, _ in PHI4_ADDED_TOKENS]
+
+
+# CLIP's pre-tokenizer: words, single digits, punctuation runs and contractions, then byte-level.
+_CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def _clip_tokenizer() -> Any:
+    """A `CLIPTokenizer` whose vocabulary is every byte (alone and word-final) plus merges learnt on the corpus."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    transformers = _transformers()
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=768,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    learnt = json.loads(tok.to_str())["model"]["merges"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for token in [*alphabet, *(a + "</w>" for a in alphabet), *("".join(pair) for pair in learnt)]:
+        vocab.setdefault(token, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return transformers.CLIPTokenizer(vocab=vocab, merges=[tuple(pair) for pair in learnt], model_max_length=77)
+
+
+def build_tiny_clip(folder: str | Path, *, seed: int = 0, dim: int = 32) -> Path:
+    """Write a tiny random CLIP checkpoint (model, tokenizer, image processor) to `folder` and return its path.
+
+    Text and vision towers of 2 layers (width 32; 32-px images in 8-px patches; 77 text positions) project
+    into `dim` dimensions. The folder loads offline with `CLIPModel`/`CLIPProcessor`/`AutoTokenizer`
+    `.from_pretrained(folder)` and through `TransformersEmbedder.from_pretrained(folder)`, as text and images.
+
+    Args:
+        folder: where to write (created if missing; existing files are overwritten).
+        seed: torch seed for the random weights.
+        dim: projection dimension (the embedding size).
+    """
+    import torch
+
+    transformers = _transformers()
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _clip_tokenizer()
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = transformers.CLIPConfig(
+        text_config={
+            **tower,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 77,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "projection_dim": dim,
+        },
+        vision_config={**tower, "image_size": 32, "patch_size": 8, "projection_dim": dim},
+        projection_dim=dim,
+    )
+    torch.manual_seed(seed)
+    model = transformers.CLIPModel(config).eval()
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
