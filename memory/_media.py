@@ -552,8 +552,9 @@ class MediaStoreMixin:
     ) -> list[MediaHit]:
         """Segments matching words and/or near a vector, best first.
 
-        Full text always: every word of `query` must appear in one feature's text (English stemming; query
-        syntax is never interpreted), ranked by bm25 (SQLite) or `ts_rank` (PostgreSQL). With `vector` and
+        Full text always: features holding any word of `query` (common English words left out while others
+        remain; English stemming; query syntax is never interpreted), ranked by bm25 (SQLite) or `ts_rank`
+        (PostgreSQL), so segments holding more of the words, and rarer ones, come first. With `vector` and
         `embedder`, the segments nearest the vector by cosine too (a segment counts by its nearest vector, text
         or image). The two rankings are fused by reciprocal rank (k = 60); filters apply to both before ranking.
 

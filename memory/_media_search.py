@@ -1,7 +1,10 @@
 """Finding segments: full-text search over feature text, nearest vectors, and reciprocal rank fusion of the two.
 
-Full text works as `memory._search` does (a query is only words, all of which must match one feature's text;
-English stemming; bm25 on SQLite FTS5, `ts_rank` on PostgreSQL); a segment ranks by its best feature.
+Full text takes a query as words only (never query syntax), as `memory._search` does, but matches features
+holding *any* of them, best first (bm25 on SQLite FTS5, `ts_rank` on PostgreSQL, English stemming): queries
+here are often questions in natural language ("what did the speaker say about the budget"), which rarely hold
+only words the text has. Common English words are left out of the query while others remain (PostgreSQL drops
+its own stop words). A segment ranks by its best feature.
 
 Vectors arrive computed (a store never runs a model). Each embedder (a name and a dimension, in `mm_embedders`)
 gets its own table `mm_vec_<id>` on first use, holding up to one vector per segment and modality (text, image):
@@ -33,7 +36,19 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import ColumnElement, Connection, bindparam, column, func, insert, literal_column, select, table, text
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    bindparam,
+    column,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    table,
+    text,
+)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import Select
 
@@ -47,6 +62,17 @@ RRF_K = 60  # reciprocal rank fusion: score = sum over lists of 1 / (RRF_K + ran
 MAX_DEPTH = 1000  # the most candidates taken from each list
 _VEC0_MAX_K = 4096  # sqlite-vec's largest k
 _NO_START, _NO_END = 1e308, -1e308  # an untimed segment's times in vec0 (metadata cannot be NULL): never overlap
+_MAX_WORDS = 32  # words of a full-text query looked for; the rest are ignored
+_STOP_TEXT = (
+    "a about above after again all am an and any are as at be been before being below between both but by can "
+    "could did do does doing down during each few for from further had has have having he her here hers him his "
+    "how i if in into is it its me more most my no nor not of off on once only or other our out over own same she "
+    "should so some such than that the their them then there these they this those through to too under until up "
+    "very was we were what when where which while who whom why will with would you your"
+)
+STOP_WORDS = frozenset(_STOP_TEXT.split())
+"""Common English words a full-text query leaves out (when it has others): with any-word matching they would
+match nearly every feature."""
 _MMAP_BYTES = 1 << 30  # SQLite connections that scan vectors read the file through mmap (~1.6x faster scans)
 _PG_LOCK = "hashtext('mmagent.memory.embedders')"
 _PG_HNSW_MAX_DIM = 2000  # pgvector indexes vector columns of up to 2,000 dimensions
@@ -372,31 +398,43 @@ def _joined(stmt: Select[Any], filters: Filters, on: Any) -> Select[Any]:
     return joined.where(*_segment_filters(filters))
 
 
-def text_ranked(conn: Connection, query: str, filters: Filters, depth: int) -> list[int]:
-    """The best `depth` segments whose feature text holds every word of `query`, best first."""
+def query_words(query: str) -> list[str]:
+    """The words a full-text query looks for: `terms(query)` less common English words (unless only those are
+    there), at most `_MAX_WORDS`."""
     words = terms(query)
+    kept = [w for w in words if w not in STOP_WORDS]
+    return (kept or words)[:_MAX_WORDS]
+
+
+def text_ranked(conn: Connection, query: str, filters: Filters, depth: int) -> list[int]:
+    """The best `depth` segments whose feature text holds any word of `query`, best first."""
+    words = query_words(query)
     if not words:
         return []
     f = s.features
     if conn.dialect.name == "sqlite":
         fts = table(s.FEATURES_FTS_TABLE, column("rowid"), column("rank"))
         best: Any = func.min(fts.c.rank)
+        match = " OR ".join(f'"{w}"' for w in words)
         stmt = (
             select(f.c.segment_id, best.label("r"))
             .select_from(fts.join(f, f.c.id == fts.c.rowid))
-            .where(text(f"{s.FEATURES_FTS_TABLE} MATCH :match").bindparams(match=" ".join(f'"{w}"' for w in words)))
+            .where(text(f"{s.FEATURES_FTS_TABLE} MATCH :match").bindparams(match=match))
         )
         order: list[Any] = [best, f.c.segment_id]
     elif conn.dialect.name == "postgresql":
         # Literal config and length: the expression must match the GIN index's to use it.
         config: ColumnElement[Any] = literal_column(f"'{s.PG_FTS_CONFIG}'")
         doc = func.to_tsvector(config, func.left(f.c.text, literal_column(str(s.PG_FTS_MAX_CHARS))))
-        tsq = func.plainto_tsquery(config, bindparam("q", " ".join(words)))
+        each = [func.plainto_tsquery(config, bindparam(f"q{i}", w)) for i, w in enumerate(words)]
+        tsq: ColumnElement[Any] = each[0]
+        for more in each[1:]:
+            tsq = tsq.op("||")(more)  # tsquery OR
         best = func.max(func.ts_rank(doc, tsq))
         stmt = select(f.c.segment_id, best.label("r")).select_from(f).where(doc.op("@@")(tsq))
         order = [best.desc(), f.c.segment_id]
     else:  # any other database: a substring scan
-        stmt = select(f.c.segment_id, func.count().label("r")).where(*(f.c.text.ilike(f"%{w}%") for w in words))
+        stmt = select(f.c.segment_id, func.count().label("r")).where(or_(*(f.c.text.ilike(f"%{w}%") for w in words)))
         order = [f.c.segment_id]
     stmt = _joined(stmt, filters, f.c.segment_id).group_by(f.c.segment_id).order_by(*order).limit(depth)
     return [int(r.segment_id) for r in conn.execute(stmt)]
