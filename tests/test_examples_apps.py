@@ -415,3 +415,22 @@ def test_app_script_serves_two_users_offline(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_media_search_script_runs_offline_and_a_second_run_writes_nothing(tmp_path: Path) -> None:
+    out = _script(tmp_path, "media_search.py", "--db", "media.db")
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert "cannot see images or hear audio" in lines[0] and lines[1].startswith("model: tiny-phi4")
+    assert lines[2:4] == [
+        "new       talk.mp4: 4 segments, 4 features written",
+        "new       budget.pdf: 1 segments, 1 features written",
+    ]
+    assert "(random weights: this text is noise)" in out.stdout
+    with Store(tmp_path / "media.db") as store:
+        kinds = sorted(s.kind for source in store.list_sources() for s in store.media_segments(source.id))
+        assert kinds == ["audio", "page", "scene", "scene", "scene"]
+    again = _script(tmp_path, "media_search.py", "--db", "media.db")
+    assert again.returncode == 0, again.stderr
+    assert [line.split()[0] for line in again.stdout.splitlines()[2:4]] == ["unchanged", "unchanged"]

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from media_support import COLOURS, CUTS, FPS, TONES, make_video
 
 import agent.ingest
 from agent import _media
@@ -36,60 +37,6 @@ needs_scenedetect = pytest.mark.skipif(
 needs_pdfium = pytest.mark.skipif(
     importlib.util.find_spec("pypdfium2") is None, reason="pypdfium2 is not installed (pip install 'mmagent[ingest]')"
 )
-
-FPS = 25
-CUTS = (0, 50, 95, 160, 200, 255, 300)  # first frame of each scene, then the frame count: 12 s
-COLOURS = ((200, 30, 30), (30, 40, 200), (230, 220, 40), (20, 90, 30), (235, 235, 235), (120, 30, 140))
-TONES = (300.0, 500.0, 700.0, 900.0, 1100.0, 1300.0)
-
-
-def make_video(
-    path: Path,
-    *,
-    cuts: tuple[int, ...] = CUTS,
-    size: tuple[int, int] = (160, 120),
-    audio: bool = True,
-    rate: int = 44_100,
-    container: str | None = None,
-    x264: str = "",
-) -> Path:
-    """H.264 video of solid-colour scenes (RGB `COLOURS`) with a moving white square, cut at `cuts`; with a
-    stereo AAC track whose tone changes with the scene (`TONES`)."""
-    import av
-
-    width, height = size
-    out = av.open(str(path), "w", format=container)
-    options = {"preset": "ultrafast", **({"x264-params": x264} if x264 else {})}
-    video = out.add_stream("libx264", rate=FPS, options=options)
-    video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-    sound = out.add_stream("aac", rate=rate, layout="stereo") if audio else None
-    for scene in range(len(cuts) - 1):
-        for i in range(cuts[scene], cuts[scene + 1]):
-            image = np.empty((height, width, 3), np.uint8)
-            image[:] = COLOURS[scene % len(COLOURS)]
-            x = (i * 3) % (width - 16)
-            image[10:26, x : x + 16] = 255
-            for packet in video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                out.mux(packet)
-    for packet in video.encode(None):
-        out.mux(packet)
-    if sound is not None:
-        tones = []
-        for scene in range(len(cuts) - 1):
-            t = np.arange(round(cuts[scene] / FPS * rate), round(cuts[scene + 1] / FPS * rate)) / rate
-            tones.append(0.3 * np.sin(2 * np.pi * TONES[scene % len(TONES)] * t))
-        signal = np.concatenate(tones).astype(np.float32)
-        for k in range(0, len(signal), 1024):
-            frame = av.AudioFrame.from_ndarray(
-                np.ascontiguousarray(np.stack([signal[k : k + 1024]] * 2)), format="fltp", layout="stereo"
-            )
-            frame.sample_rate, frame.pts = rate, k
-            for packet in sound.encode(frame):
-                out.mux(packet)
-        for packet in sound.encode(None):
-            out.mux(packet)
-    out.close()
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +63,11 @@ def dominant_frequency(samples: np.ndarray[Any, Any], rate: int) -> float:
 
 def test_public_names_are_pinned() -> None:
     assert sorted(agent.ingest.__all__) == [
-        "AudioSegment", "Keyframe", "MAX_KEYFRAME_SIDE", "MAX_PAGES", "MAX_PAGE_PIXELS", "MAX_VIDEO_SECONDS",
-        "MediaInfo", "Page", "Scene", "audio_clip", "detect_scenes", "keyframes", "probe", "render_pages",
-        "scene_audio", "segment_audio",
+        "AudioSegment", "DEFAULT_EXTRACTORS", "Extractor", "IngestReport", "Ingestor", "Keyframe", "MAX_CLIP_SECONDS",
+        "MAX_KEYFRAME_SIDE", "MAX_PAGES", "MAX_PAGE_PIXELS", "MAX_VIDEO_SECONDS", "MediaInfo", "PAGE_TEXT", "Page",
+        "PageText", "SCENE_CAPTION", "Scene", "SceneCaption", "SourceReport", "TRANSCRIPT", "Transcript", "audio_clip",
+        "citation", "detect_scenes", "keyframes", "media_tools", "page_count", "probe", "render_pages", "scene_audio",
+        "segment_audio",
     ]  # fmt: skip
     for name in agent.ingest.__all__:
         assert hasattr(agent.ingest, name)
@@ -126,8 +75,8 @@ def test_public_names_are_pinned() -> None:
 
 def test_import_needs_no_decoder() -> None:
     code = (
-        "import sys, agent.ingest; heavy = {'av', 'cv2', 'scenedetect', 'pypdfium2'} & set(sys.modules); "
-        "assert not heavy, heavy"
+        "import sys, agent.ingest; heavy = {'av', 'cv2', 'scenedetect', 'pypdfium2', 'torch', 'rich.progress'}; "
+        "heavy &= set(sys.modules); assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -20,23 +20,50 @@ from __future__ import annotations
 
 from agent.ingest._audio import audio_clip, segment_audio
 from agent.ingest._decode import MAX_VIDEO_SECONDS
-from agent.ingest._pdf import MAX_PAGE_PIXELS, MAX_PAGES, render_pages
+from agent.ingest._extract import (
+    DEFAULT_EXTRACTORS,
+    PAGE_TEXT,
+    SCENE_CAPTION,
+    TRANSCRIPT,
+    Extractor,
+    PageText,
+    SceneCaption,
+    Transcript,
+)
+from agent.ingest._pdf import MAX_PAGE_PIXELS, MAX_PAGES, page_count, render_pages
+from agent.ingest._pipeline import Ingestor, IngestReport, SourceReport
 from agent.ingest._segments import AudioSegment, Keyframe, MediaInfo, Page, Scene
+from agent.ingest._tools import MAX_CLIP_SECONDS, citation, media_tools
 from agent.ingest._video import MAX_KEYFRAME_SIDE, detect_scenes, keyframes, probe, scene_audio
 
 __all__ = [
+    "DEFAULT_EXTRACTORS",
+    "MAX_CLIP_SECONDS",
     "MAX_KEYFRAME_SIDE",
     "MAX_PAGES",
     "MAX_PAGE_PIXELS",
     "MAX_VIDEO_SECONDS",
+    "PAGE_TEXT",
+    "SCENE_CAPTION",
+    "TRANSCRIPT",
     "AudioSegment",
+    "Extractor",
+    "IngestReport",
+    "Ingestor",
     "Keyframe",
     "MediaInfo",
     "Page",
+    "PageText",
     "Scene",
+    "SceneCaption",
+    "SourceReport",
+    "Transcript",
     "audio_clip",
+    "citation",
     "detect_scenes",
     "keyframes",
+    "media_tools",
+    "page_count",
     "probe",
     "render_pages",
     "scene_audio",

@@ -71,6 +71,20 @@ def render_pages(
     return _pages(document, path, count, dpi, max_pixels)
 
 
+def page_count(path: str | os.PathLike[str]) -> int:
+    """How many pages the PDF at `path` has.
+
+    Raises:
+        MediaError: the file is missing, not a PDF, corrupt or encrypted with a password.
+        UserError: pypdfium2 is missing.
+    """
+    document = _open(path)
+    try:
+        return len(document)
+    finally:
+        document.close()
+
+
 def _open(path: str | os.PathLike[str]) -> pypdfium2.PdfDocument:
     try:
         import pypdfium2
