@@ -125,7 +125,7 @@ class Ingestor:
         max_download_bytes: a larger download is refused.
         download_timeout: seconds one download may take in all.
         keyframes_per_scene: 1 to 3 frames per scene go to the model and the store.
-        scene_threshold: PySceneDetect's content threshold (lower finds more cuts).
+        scene_threshold: the least content change a cut needs (`detect_scenes`' threshold; lower finds more).
         min_scene_seconds: a cut this soon after the last is merged.
         speech_window_seconds: the longest speech window for `transcript`.
         concurrency: extractor requests in flight at once (raise it for a server that batches, such as vLLM
@@ -146,7 +146,7 @@ class Ingestor:
         max_download_bytes: int = 2 << 30,
         download_timeout: float = 600.0,
         keyframes_per_scene: int = 1,
-        scene_threshold: float = 27.0,
+        scene_threshold: float = 15.0,
         min_scene_seconds: float = 0.6,
         speech_window_seconds: float = 30.0,
         concurrency: int = 1,
