@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from agent._loop import Agent
 from agent.events import AgentEvent, FinalEvent, RetryEvent, TextDeltaEvent, ToolCallEvent, ToolResultEvent
@@ -57,7 +58,8 @@ McpTokenOpt = Annotated[
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {message}", soft_wrap=True, markup=True, highlight=False)
+    # The message is text, not markup: "pip install 'mmagent[voice]'" must keep its brackets.
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True, markup=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -300,6 +302,44 @@ async def _chat_turns(agent: Agent) -> None:
             err.print(f"[red]error:[/red] {exc}")
 
 
+SpeechOpt = Annotated[
+    str,
+    typer.Option("--speech", help="spoken answers: auto (Kokoro, espeak-ng, or none) | kokoro | espeak-ng | none"),
+]
+
+
+def _speaker(preference: str) -> tuple[Any, str]:
+    from agent.voice import choose_speaker
+
+    return choose_speaker(preference)
+
+
+@app.command()
+def voice(
+    model: ModelOpt = "auto",
+    server_model: ServerModelOpt = "microsoft/Phi-4-multimodal-instruct",
+    db: DbOpt = DEFAULT_DB,
+    tools: ToolsOpt = None,
+    files: FilesOpt = None,
+    allow_host: HostOpt = None,
+    speech: SpeechOpt = "auto",
+) -> None:
+    """Talk with the agent through this machine's microphone and speaker; talk over it to interrupt."""
+    from agent.models.resolve import reads_media
+    from agent.voice._device import open_sounddevice, run_microphone
+
+    speaker, speech_line = _guard(lambda: _speaker(speech))
+    _guard(lambda: open_sounddevice(need_output=speaker is not None))  # before the model loads
+    agent = _guard(lambda: _build(model, server_model, db or DEFAULT_DB, tools, files, allow_host))
+    if "audio" not in agent.model.input_modalities or not reads_media(agent.model):
+        _fail(f"{agent.model.name} cannot hear audio: use Phi-4-multimodal (--model phi4, its folder, or a URL)")
+    err.print(f"[dim]model: {agent.model.name}; {speech_line}[/dim]")
+    try:
+        _guard(lambda: asyncio.run(run_microphone(agent, speaker, echo=lambda text: out.print(text, end=""))))
+    except KeyboardInterrupt:
+        err.print("\nbye")
+
+
 @app.command()
 def serve(
     model: ModelOpt = "auto",
@@ -334,6 +374,7 @@ def serve(
         typer.Option(help="drop images/audio the model cannot read (with a Warning header) instead of a 400"),
     ] = False,
     request_timeout: Annotated[float, typer.Option(help="seconds one request may run")] = 600.0,
+    speech: SpeechOpt = "auto",
     mcp: McpOpt = None,
     mcp_url: McpUrlOpt = None,
     mcp_token: McpTokenOpt = None,
@@ -349,6 +390,7 @@ def serve(
     if not request_timeout > 0:
         _fail(f"--request-timeout must be positive, got {request_timeout}")
     servers = _guard(lambda: mcp_servers(mcp, mcp_url, mcp_token))  # connected while the server runs
+    speaker, speech_line = _guard(lambda: _speaker(speech))
     agent = _guard(lambda: _build(model, server_model, db or DEFAULT_DB, tools, files, allow_host, servers))
     application = _guard(
         lambda: create_app(
@@ -360,10 +402,12 @@ def serve(
             store=agent.memory if db is not None else None,
             drop_unreadable_media=drop_unreadable_media,
             request_timeout=request_timeout,
+            speaker=speaker,
         )
     )
     names = ", ".join([agent.model.name, *(served_model_name or ())])
     err.print(f"serving {names} on http://{host}:{port}/v1 ({mode} mode)")
+    err.print(f"[dim]realtime voice: ws://{host}:{port}/v1/realtime; {speech_line}[/dim]")
     try:
         _guard(lambda: run_server(application, host=host, port=port, agent=agent))
     except OSError as exc:  # the address is taken, or not ours to bind
@@ -697,13 +741,14 @@ def ingest(
     report = _guard(lambda: ingestor.ingest_sync(sources, collection=collection))
     for item in report.sources:
         if item.status == "failed":
-            err.print(f"[red]failed[/red] {item.uri}: {item.error}", soft_wrap=True)
+            err.print(f"[red]failed[/red] {escape(item.uri)}: {escape(item.error or '')}", soft_wrap=True)
             continue
         length = f", {item.media_seconds:.1f} s" if item.media_seconds else ""
         out.print(
             f"{item.status:9s} {item.uri} (source {item.source_id}, {item.kind}{length}): {item.segments} segments, "
             f"{item.features} features, {item.vectors} vectors written",
             soft_wrap=True,
+            markup=False,
         )
     media = sum(s.media_seconds or 0.0 for s in report.sources if s.status != "failed")
     rate = f"; {media / report.seconds:.2f} media s per s" if media and report.seconds else ""
@@ -749,7 +794,7 @@ def search(
                    "keyframes": [r.sha256 for r in seg.media if r.role == "keyframe"]}  # fmt: skip
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
         else:
-            out.print(f"[bold]{citation(hit)}[/bold]  {hit.snippet}", soft_wrap=True)
+            out.print(f"[bold]{escape(citation(hit))}[/bold]  {escape(hit.snippet)}", soft_wrap=True)
     if not hits:
         err.print(f"nothing matches {query!r}")
 

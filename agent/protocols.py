@@ -38,7 +38,7 @@ class StoredRun:
 
     run_id: str
     conversation_id: str
-    status: Literal["running", "completed", "failed", "paused"]
+    status: Literal["running", "completed", "failed", "paused", "interrupted"]
     messages: list[Message]  # the conversation up to the last committed step (no system prompt)
     new_message_count: int  # how many of `messages` this run added
     next_step: int
@@ -84,8 +84,11 @@ class RunStore(Protocol):
         """Give up the run's lease without changing its status (it stays resumable)."""
         ...
 
-    def end_run(self, run_id: str, status: Literal["completed", "failed", "paused"], error: str | None = None) -> None:
-        """Mark the run finished, or paused for approvals (resumable), and release its lease."""
+    def end_run(
+        self, run_id: str, status: Literal["completed", "failed", "paused", "interrupted"], error: str | None = None
+    ) -> None:
+        """Mark the run finished, paused for approvals (resumable), or interrupted by the user (a voice answer cut
+        short: not resumable), and release its lease."""
         ...
 
     def load_run(self, run_id: str) -> StoredRun:

@@ -68,7 +68,8 @@ try:
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
-    from starlette.routing import Route
+    from starlette.routing import Route, WebSocketRoute
+    from starlette.websockets import WebSocket
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("agent.server needs Starlette and uvicorn: pip install 'mmagent[server]'") from exc
 
@@ -129,6 +130,8 @@ def create_app(
     drop_unreadable_media: bool = False,
     request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT,
     max_prompt_chars: int | None = None,
+    speaker: Any = None,
+    realtime: bool = True,
 ) -> Starlette:
     """Build the ASGI app serving `agent` as an OpenAI-compatible chat-completions endpoint.
 
@@ -150,6 +153,9 @@ def create_app(
         request_timeout: seconds one request may run (generation is cancelled past it: 504); None for none.
         max_prompt_chars: the most characters of text (messages and tool schemas) a request may carry;
             default `CHARS_PER_TOKEN_CEILING` x the model's context length.
+        speaker: an `agent.voice.Speaker` for the Realtime endpoint's speech output; None answers in text only.
+        realtime: serve the OpenAI Realtime subset (`agent.voice`) at `/v1/realtime` (WebSocket) in agent
+            mode: spoken turns in, the agent's answer as text and speech out. Needs `mmagent[voice]`.
 
     Raises:
         UserError: an invalid argument.
@@ -188,13 +194,21 @@ def create_app(
         request_timeout,
         max_prompt_chars,
     )
-    routes = [
+    routes: list[Route | WebSocketRoute] = [
         Route("/v1/chat/completions", service.chat_completions, methods=["POST"]),
         Route("/v1/runs/{run_id}/approvals", service.approvals, methods=["POST"]),
         Route("/v1/models", service.list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", service.get_model, methods=["GET"]),
         Route("/health", service.health, methods=["GET"]),
     ]
+    if realtime and not isinstance(agent, Model):
+
+        async def realtime_endpoint(websocket: WebSocket) -> None:
+            from agent.voice._realtime import serve_realtime
+
+            await serve_realtime(websocket, service._agent, keys, speaker)
+
+        routes.append(WebSocketRoute("/v1/realtime", realtime_endpoint))
     return Starlette(
         routes=routes,
         exception_handlers={HTTPException: _http_exception, Exception: _unexpected},

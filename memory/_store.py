@@ -279,6 +279,8 @@ class Store(MediaStoreMixin):
             run = self._run_row(conn, run_id)  # read again under the lock
             if run.status == "completed":
                 raise UserError(f"run {run_id} already completed")
+            if run.status == "interrupted":
+                raise UserError(f"run {run_id} was interrupted by its user: it cannot be resumed")
             busy = self._leases.claim(conn, row, run_id, now, since=run.first_position)
             if busy is not None:
                 return busy
@@ -361,13 +363,16 @@ class Store(MediaStoreMixin):
             run = self._run_row(conn, run_id)
             self._leases.clear(conn, run.conversation_id, run_id, only_ours=True)
 
-    def end_run(self, run_id: str, status: Literal["completed", "failed", "paused"], error: str | None = None) -> None:
-        """Mark a run completed, failed or paused (failed and paused runs can be resumed) and release its lease.
+    def end_run(
+        self, run_id: str, status: Literal["completed", "failed", "paused", "interrupted"], error: str | None = None
+    ) -> None:
+        """Mark a run completed, failed, paused or interrupted (failed and paused runs can be resumed; an
+        interrupted one, cut short by its user, cannot) and release its lease.
 
         A run that another store is driving (it resumed the run after this store's lease lapsed) is left to it.
         """
-        if status not in ("completed", "failed", "paused"):
-            raise UserError(f"status must be 'completed', 'failed' or 'paused', got {status!r}")
+        if status not in ("completed", "failed", "paused", "interrupted"):
+            raise UserError(f"status must be 'completed', 'failed', 'paused' or 'interrupted', got {status!r}")
         now = _now()
         with self._database.transaction(write=True) as conn:
             run = self._run_row(conn, run_id)

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from agent.models import Usage
 
 SearchKind = Literal["text", "tool-result"]
-RunStatus = Literal["running", "completed", "failed", "paused"]
+RunStatus = Literal["running", "completed", "failed", "paused", "interrupted"]
 
 
 @dataclass(frozen=True, slots=True)

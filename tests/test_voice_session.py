@@ -1,0 +1,260 @@
+"""agent.voice: the session loop (turns to the agent as audio, spoken answers, barge-in) and the Realtime
+WebSocket endpoint, on the bundled speech clip (examples/data/request.wav), the tiny Phi-4 and model doubles."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib.util
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from agent import Agent, ModelSettings
+from agent.messages import AudioPart, ImagePart, Message
+from agent.testing import AgentInfo, FunctionModel, call
+from memory import Store
+
+pytestmark = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("silero_vad", "torch", "av")),
+    reason="the voice loop needs silero-vad, torch and PyAV (pip install 'mmagent[voice]')",
+)
+
+from agent.voice import (  # noqa: E402
+    ResponseAudio,
+    ResponseDone,
+    ResponseText,
+    ResponseTool,
+    SpeechStarted,
+    ToneSpeaker,
+    TurnHeard,
+    VoiceSession,
+)
+
+CLIP = Path(__file__).resolve().parents[1] / "examples" / "data" / "request.wav"
+
+
+def speech() -> np.ndarray[Any, Any]:
+    samples, rate = sf.read(CLIP, dtype="float32")
+    assert rate == 16_000
+    return samples
+
+
+def silence(seconds: float) -> np.ndarray[Any, Any]:
+    return np.zeros(round(seconds * 16_000), np.float32)
+
+
+async def feed(session: VoiceSession, audio: np.ndarray[Any, Any], *, wait: bool = True) -> None:
+    """20 ms chunks; with `wait`, each response finishes before more audio comes (a fast responder)."""
+    for start in range(0, len(audio), 320):
+        await session.feed(audio[start : start + 320], 16_000)
+        if wait and session.responding:
+            await session.wait()
+
+
+async def collect(session: VoiceSession, into: list[Any]) -> None:
+    async for event in session.events():
+        into.append(event)
+
+
+def short_answers(model: Any, tokens: int) -> Agent[str]:
+    return Agent(model, settings=ModelSettings(max_tokens=tokens))
+
+
+# ---------------------------------------------------------------- the tiny Phi-4
+
+
+def test_two_utterances_are_two_turns_answered_aloud(tiny_phi4: Any, tmp_path: Path) -> None:
+    async def go() -> tuple[list[Any], str | None]:
+        with Store(tmp_path / "voice.db") as store:
+            agent = Agent(tiny_phi4, settings=ModelSettings(max_tokens=6), memory=store)
+            events: list[Any] = []
+            async with VoiceSession(agent, speaker=ToneSpeaker()) as session:
+                collector = asyncio.ensure_future(collect(session, events))
+                await feed(session, np.concatenate([silence(0.5), speech(), silence(1.5), speech(), silence(1.0)]))
+                await session.wait()
+                await session.close()
+                await collector
+                messages = store.load_conversation(session.conversation_id or "")
+            return events, _check_audio_turns(messages)
+
+    events, problem = asyncio.run(go())
+    assert problem is None, problem
+    heard = [e for e in events if isinstance(e, TurnHeard)]
+    assert [e.turn for e in heard] == [1, 2] and all(3.5 < e.seconds < 4.6 for e in heard)
+    done = [e for e in events if isinstance(e, ResponseDone)]
+    assert [(e.turn, e.interrupted, e.error) for e in done] == [(1, False, None), (2, False, None)]
+    for turn in (1, 2):
+        audio = [e for e in events if isinstance(e, ResponseAudio) and e.turn == turn]
+        text = "".join(e.delta for e in events if isinstance(e, ResponseText) and e.turn == turn)
+        assert text.strip() and audio and all(len(a.samples) == 320 for a in audio[:-1])  # 20 ms at 16 kHz
+
+
+def _check_audio_turns(messages: Sequence[Message]) -> str | None:
+    users = [m for m in messages if m.role == "user"]
+    if len(users) != 2:
+        return f"expected two stored user turns, got {len(users)}"
+    for m in users:
+        clips = [p for p in m.parts if isinstance(p, AudioPart)]
+        if len(clips) != 1 or not 3.5 < len(clips[0].samples()) / 16_000 < 4.8:
+            return f"a stored turn does not hold the spoken clip: {m.parts}"
+    return None
+
+
+def test_speech_during_an_answer_cancels_it_and_the_partial_answer_is_stored_interrupted(
+    tiny_phi4: Any, tmp_path: Path
+) -> None:
+    async def go() -> tuple[list[Any], list[Any], list[Message], Any]:
+        with Store(tmp_path / "voice.db") as store:
+            agent = Agent(tiny_phi4, settings=ModelSettings(max_tokens=400), memory=store)
+            events: list[Any] = []
+            async with VoiceSession(agent, speaker=ToneSpeaker(delay=0.01)) as session:
+                collector = asyncio.ensure_future(collect(session, events))
+                await feed(session, np.concatenate([silence(0.3), speech(), silence(1.0)]), wait=False)
+                for _ in range(3000):  # until it is generating
+                    if any(isinstance(e, ResponseText) for e in events):
+                        break
+                    await asyncio.sleep(0.01)
+                before = len(events)
+                await feed(session, silence(0.2), wait=False)
+                await feed(session, speech()[:16_000], wait=False)  # the user talks over the answer
+                assert not session.responding  # cancelled inside the feed that heard the speech
+                after = events[before:]
+                await session.interrupt()
+                await session.close()
+                await collector
+                runs = store.list_runs(conversation_id=session.conversation_id)
+                return events, after, store.load_conversation(session.conversation_id or ""), runs
+
+    events, after, messages, runs = asyncio.run(go())
+    done = next(e for e in events if isinstance(e, ResponseDone))
+    assert done.turn == 1 and done.interrupted and done.text.strip() and done.run_id is not None
+    started = next(i for i, e in enumerate(events) if isinstance(e, SpeechStarted) and events.index(done) < i)
+    # nothing of turn 1 after the barge-in: generation and speech stopped before the new speech was reported
+    assert not any(getattr(e, "turn", None) == 1 for e in events[started:])
+    assert any(isinstance(e, ResponseDone) for e in after)
+    (run,) = [r for r in runs if r.id == done.run_id]
+    assert run.status == "interrupted" and run.error == "interrupted by the user"
+    assert [m.role for m in messages] == ["user", "assistant"] and messages[1].text == done.text
+
+
+# ---------------------------------------------------------------- tools in voice turns
+
+
+def test_tools_run_in_voice_turns_and_their_images_reach_the_model() -> None:
+    picture = ImagePart.from_pil(__import__("PIL.Image", fromlist=["Image"]).new("RGB", (8, 8), (1, 2, 3)))
+    seen: list[list[str]] = []
+
+    def model(messages: list[Message], info: AgentInfo) -> Any:
+        seen.append([getattr(c, "kind", p.kind) for m in messages for p in m.parts for c in getattr(p, "content", [p])])
+        return [call("look")] if info.request_index == 0 else "It is a dark square."
+
+    def look() -> ImagePart:
+        """Take a picture."""
+        return picture
+
+    async def go() -> list[Any]:
+        events: list[Any] = []
+        async with VoiceSession(Agent(FunctionModel(model), [look]), speaker=None) as session:
+            collector = asyncio.ensure_future(collect(session, events))
+            await feed(session, np.concatenate([speech(), silence(1.0)]))
+            await session.wait()
+            await session.close()
+            await collector
+        return events
+
+    events = asyncio.run(go())
+    assert "audio" in seen[0] and "image" in seen[1]  # the turn as audio; the tool's image as a real part
+    tools = [(e.name, e.result is None) for e in events if isinstance(e, ResponseTool)]
+    assert tools == [("look", True), ("look", False)]
+    done = next(e for e in events if isinstance(e, ResponseDone))
+    assert done.text == "It is a dark square." and not any(isinstance(e, ResponseAudio) for e in events)
+
+
+# ---------------------------------------------------------------- the Realtime WebSocket
+
+
+def pcm24(samples: np.ndarray[Any, Any]) -> bytes:
+    from scipy.signal import resample_poly
+
+    up = resample_poly(samples, 3, 2)
+    return (np.clip(up, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def test_the_realtime_endpoint_answers_spoken_audio_with_audio_and_a_transcript() -> None:
+    import websockets.sync.client as ws_client
+    from serve_support import running
+
+    from agent.server import create_app
+
+    agent = Agent(FunctionModel(lambda m, i: "Sunny in Oslo. Your timer is set."))
+    app = create_app(agent, speaker=ToneSpeaker(), api_keys=["k1"])
+    with running(app) as server:
+        url = server.base_url.replace("http", "ws") + "/realtime"
+        with pytest.raises(Exception, match=r"1008|403|invalid"), ws_client.connect(url) as bad:
+            bad.recv(timeout=5)
+        with ws_client.connect(url, additional_headers={"Authorization": "Bearer k1"}) as ws:
+            first = json.loads(ws.recv(timeout=10))
+            assert first["type"] == "session.created" and first["session"]["output_modalities"] == ["audio"]
+            odd_bytes = base64.b64encode(b"abc").decode()
+            hostile = [
+                "not json",
+                json.dumps({"type": "nope.nope"}),
+                json.dumps({"type": "input_audio_buffer.append", "audio": "@@@"}),
+                json.dumps({"type": "input_audio_buffer.append", "audio": odd_bytes}),
+                json.dumps([1, 2]),
+            ]
+            for message in hostile:
+                ws.send(message)
+                reply = json.loads(ws.recv(timeout=10))
+                assert reply["type"] == "error" and reply["error"]["message"]
+            detection = {"type": "server_vad", "silence_duration_ms": 500}
+            ws.send(
+                json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection": detection}}}})
+            )
+            assert json.loads(ws.recv(timeout=10))["type"] == "session.updated"
+            audio = pcm24(np.concatenate([silence(0.3), speech(), silence(1.0)]))
+            for start in range(0, len(audio), 4800):  # 100 ms appends
+                chunk = base64.b64encode(audio[start : start + 4800]).decode()
+                ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
+            kinds: list[str] = []
+            transcript, pcm = "", b""
+            while "response.done" not in kinds:
+                event = json.loads(ws.recv(timeout=30))
+                kinds.append(event["type"])
+                if event["type"] == "response.output_audio_transcript.delta":
+                    transcript += event["delta"]
+                elif event["type"] == "response.output_audio.delta":
+                    pcm += base64.b64decode(event["delta"])
+                elif event["type"] == "response.done":
+                    done = event["response"]
+    order = list(dict.fromkeys(kinds))
+    assert order[:4] == [
+        "input_audio_buffer.speech_started",
+        "input_audio_buffer.speech_stopped",
+        "input_audio_buffer.committed",
+        "response.created",
+    ]
+    assert transcript == "Sunny in Oslo. Your timer is set."
+    assert done["status"] == "completed" and done["output"][0]["content"][0]["transcript"] == transcript
+    tone = np.frombuffer(pcm, "<i2").astype(np.float32) / 32768
+    assert len(tone) / 24_000 == pytest.approx(0.06 * len(transcript), rel=0.1)  # ToneSpeaker: 60 ms a character
+    spectrum = np.abs(np.fft.rfft(tone[:24_000]))
+    assert abs(np.argmax(spectrum) * 24_000 / 24_000 - ToneSpeaker().frequency) < 10  # the tone, at 24 kHz
+
+
+def test_mmagent_voice_without_an_audio_device_is_one_clear_line() -> None:
+    import subprocess
+    import sys
+
+    exe = str(Path(sys.executable).with_name("mmagent"))
+    run = subprocess.run([exe, "voice", "--model", "tiny-phi4", "--speech", "none"], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.startswith("error: ") and len(run.stderr.strip().splitlines()) == 1
+    assert any(s in run.stderr for s in ("mmagent[voice]", "PortAudio", "no microphone"))  # brackets kept
