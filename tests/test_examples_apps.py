@@ -434,3 +434,14 @@ def test_media_search_script_runs_offline_and_a_second_run_writes_nothing(tmp_pa
     again = _script(tmp_path, "media_search.py", "--db", "media.db")
     assert again.returncode == 0, again.stderr
     assert [line.split()[0] for line in again.stdout.splitlines()[2:4]] == ["unchanged", "unchanged"]
+
+
+@pytest.mark.slow
+def test_voice_live_script_barges_in_offline(tmp_path: Path) -> None:
+    out = _script(tmp_path, "voice_live.py", "--db", "voice.db", "--barge-in", "--speech", "tone", "--max-tokens", "40")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "cannot hear audio" in out.stdout and "model      : tiny-phi4; speech: tone" in out.stdout
+    assert out.stdout.count("you        : (4.1 s of speech)") == 2 and "(interrupted)" in out.stdout
+    assert "stored     : 2 runs in voice.db (interrupted, completed)" in out.stdout
+    spoken, rate = sf.read(tmp_path / "answer.wav")
+    assert rate == 16_000 and len(spoken) > 0
