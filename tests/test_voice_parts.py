@@ -737,7 +737,7 @@ def test_public_names() -> None:
         "EspeakSpeaker", "INTERRUPTED", "KokoroSpeaker", "ResponseAudio", "ResponseDone", "ResponseStarted",
         "ResponseText", "ResponseTool", "SentenceSplitter", "SileroVAD", "Speaker", "SpeechStarted",
         "SpeechStopped", "TARGET_RATE", "ToneSpeaker", "Turn", "TurnDetector", "TurnEvent", "TurnHeard",
-        "VoiceActivity", "VoiceEvent", "VoiceSession", "choose_speaker", "frames",
+        "TurnTranscript", "VoiceActivity", "VoiceEvent", "VoiceSession", "choose_speaker", "frames",
     ]  # fmt: skip
     for name in agent.voice.__all__:
         assert hasattr(agent.voice, name), name

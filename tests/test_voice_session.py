@@ -33,6 +33,7 @@ from agent.voice import (  # noqa: E402
     SpeechStarted,
     ToneSpeaker,
     TurnHeard,
+    TurnTranscript,
     VoiceSession,
 )
 
@@ -176,6 +177,34 @@ def test_tools_run_in_voice_turns_and_their_images_reach_the_model() -> None:
     assert done.text == "It is a dark square." and not any(isinstance(e, ResponseAudio) for e in events)
 
 
+def test_turns_are_transcribed_after_their_answer_when_asked(tmp_path: Path) -> None:
+    def model(messages: list[Message], info: AgentInfo) -> str:
+        last = messages[-1]
+        if last.text == "Transcribe the audio clip into text.":
+            return "What is the weather in Oslo?"
+        return "Sunny."
+
+    async def go() -> tuple[list[Any], dict[str, Any]]:
+        with Store(tmp_path / "voice.db") as store:
+            events: list[Any] = []
+            agent = Agent(FunctionModel(model), memory=store)
+            async with VoiceSession(agent, transcribe=True) as session:
+                collector = asyncio.ensure_future(collect(session, events))
+                await feed(session, np.concatenate([speech(), silence(1.0)]))
+                await session.wait()
+                await session.close()
+                await collector
+                return events, store.conversation(session.conversation_id or "").metadata
+
+    events, metadata = asyncio.run(go())
+    kinds = [type(e).__name__ for e in events if not isinstance(e, ResponseText)]
+    assert kinds.index("ResponseDone") < kinds.index("TurnTranscript")  # the answer first
+    transcript = next(e for e in events if isinstance(e, TurnTranscript))
+    assert (transcript.turn, transcript.text) == (1, "What is the weather in Oslo?")
+    (stored,) = metadata["transcripts"]
+    assert stored["turn"] == 1 and stored["text"] == transcript.text and stored["run_id"]
+
+
 # ---------------------------------------------------------------- the Realtime WebSocket
 
 
@@ -214,10 +243,10 @@ def test_the_realtime_endpoint_answers_spoken_audio_with_audio_and_a_transcript(
                 reply = json.loads(ws.recv(timeout=10))
                 assert reply["type"] == "error" and reply["error"]["message"]
             detection = {"type": "server_vad", "silence_duration_ms": 500}
-            ws.send(
-                json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection": detection}}}})
-            )
-            assert json.loads(ws.recv(timeout=10))["type"] == "session.updated"
+            wanted = {"turn_detection": detection, "transcription": {"model": "whisper-1"}}
+            ws.send(json.dumps({"type": "session.update", "session": {"audio": {"input": wanted}}}))
+            updated = json.loads(ws.recv(timeout=10))
+            assert updated["type"] == "session.updated" and updated["session"]["audio"]["input"]["transcription"]
             audio = pcm24(np.concatenate([silence(0.3), speech(), silence(1.0)]))
             for start in range(0, len(audio), 4800):  # 100 ms appends
                 chunk = base64.b64encode(audio[start : start + 4800]).decode()
@@ -233,6 +262,11 @@ def test_the_realtime_endpoint_answers_spoken_audio_with_audio_and_a_transcript(
                     pcm += base64.b64decode(event["delta"])
                 elif event["type"] == "response.done":
                     done = event["response"]
+                elif event["type"] == "input_audio_buffer.committed":
+                    item = event["item_id"]
+            heard = json.loads(ws.recv(timeout=30))  # transcribed after the answer, off its latency path
+            assert heard["type"] == "conversation.item.input_audio_transcription.completed"
+            assert heard["item_id"] == item and heard["transcript"] == "Sunny in Oslo. Your timer is set."
     order = list(dict.fromkeys(kinds))
     assert order[:4] == [
         "input_audio_buffer.speech_started",

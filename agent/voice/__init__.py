@@ -55,6 +55,7 @@ from agent.voice._session import (
     ResponseText,
     ResponseTool,
     TurnHeard,
+    TurnTranscript,
     VoiceEvent,
     VoiceSession,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "TurnDetector",
     "TurnEvent",
     "TurnHeard",
+    "TurnTranscript",
     "VoiceActivity",
     "VoiceEvent",
     "VoiceSession",

@@ -5,9 +5,11 @@ is implemented (anything else is answered with an `error` event naming it, and t
 
 Client events:
 
-- `session.update`: `session.instructions`, `session.output_modalities` (`["audio"]` or `["text"]`), and
+- `session.update`: `session.instructions`, `session.output_modalities` (`["audio"]` or `["text"]`),
   `session.audio.input.turn_detection` (`{"type": "server_vad", "silence_duration_ms", "threshold"}`, or null
-  for push-to-talk); answered with `session.updated`.
+  for push-to-talk) and `session.audio.input.transcription` (any object: the agent's own model transcribes each
+  turn after answering it, sent as `conversation.item.input_audio_transcription.completed`; null: off);
+  answered with `session.updated`.
 - `input_audio_buffer.append` (`audio`: base64 16-bit little-endian mono PCM at 24 kHz): feeds the turn
   detector, which sends `input_audio_buffer.speech_started` / `speech_stopped`, then
   `input_audio_buffer.committed` and a response when a turn ends. Speech while a response runs cancels it.
@@ -45,6 +47,7 @@ from agent.voice._session import (
     ResponseStarted,
     ResponseText,
     TurnHeard,
+    TurnTranscript,
     VoiceEvent,
     VoiceSession,
 )
@@ -101,6 +104,7 @@ class RealtimeConnection:
         self.vad = True
         self.response_id: str | None = None
         self.item_id = _id("item")
+        self.items: dict[int, str] = {}  # turn -> the item id its audio was committed as
         self._pcm: _Pcm24 | None = None
         self._send_lock = asyncio.Lock()
 
@@ -123,6 +127,7 @@ class RealtimeConnection:
                 "input": {
                     "format": {"type": "audio/pcm", "rate": RATE},
                     "turn_detection": detection if self.vad else None,
+                    "transcription": {"model": self.session.agent.model.name} if self.session.transcribe else None,
                 },
                 "output": {
                     "format": {"type": "audio/pcm", "rate": RATE},
@@ -192,6 +197,11 @@ class RealtimeConnection:
             self.modalities = list(wanted)
         audio = body.get("audio", {})
         turn = audio.get("input", {}).get("turn_detection", "keep") if isinstance(audio, dict) else "keep"
+        if isinstance(audio, dict) and "transcription" in audio.get("input", {}):
+            wanted = audio["input"]["transcription"]
+            if wanted is not None and not isinstance(wanted, dict):
+                raise UserError('"transcription" must be an object or null')
+            self.session.transcribe = wanted is not None  # the session's own model transcribes
         if turn is None:
             self.vad = False
         elif isinstance(turn, dict):
@@ -265,7 +275,11 @@ class RealtimeConnection:
             )
         elif isinstance(event, TurnHeard):
             await self.send("input_audio_buffer.committed", item_id=self.item_id, previous_item_id=None)
+            self.items[event.turn] = self.item_id
             self.item_id = _id("item")
+        elif isinstance(event, TurnTranscript):
+            await self.send("conversation.item.input_audio_transcription.completed",
+                            item_id=self.items.get(event.turn), content_index=0, transcript=event.text)  # fmt: skip
         elif isinstance(event, ResponseStarted):
             self.response_id = _id("resp")
             self._pcm = _Pcm24(self.speaker.rate) if self.speaker is not None else None

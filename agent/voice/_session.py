@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 INTERRUPTED = "interrupted by the user"
 """The error text of a run cut short by barge-in."""
 
+TRANSCRIBE = "Transcribe the audio clip into text."
+"""Phi-4-multimodal's own speech-recognition instruction (`VoiceSession(transcribe=True)`)."""
+
 
 @dataclass(frozen=True, slots=True)
 class TurnHeard:
@@ -85,6 +88,14 @@ class ResponseTool:
 
 
 @dataclass(frozen=True, slots=True)
+class TurnTranscript:
+    """What the user said in turn `turn`, as the model transcribed it (with `VoiceSession(transcribe=True)`)."""
+
+    turn: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class ResponseDone:
     """The answer to turn `turn` is over: complete, or cut short by the user (`interrupted`) or by an error."""
 
@@ -99,12 +110,14 @@ VoiceEvent = (
     SpeechStarted
     | SpeechStopped
     | TurnHeard
+    | TurnTranscript
     | ResponseStarted
     | ResponseText
     | ResponseAudio
     | ResponseTool
     | ResponseDone
 )
+"""What `VoiceSession.events()` yields."""
 
 
 class VoiceSession:
@@ -125,6 +138,9 @@ class VoiceSession:
         conversation_id: continue this stored conversation.
         frame_seconds: length of the audio frames handed out (barge-in stops speech within one).
         instructions: text sent with each audio turn (default: answer what was said).
+        transcribe: after each spoken turn's answer, ask the model for a transcript of the turn (one more request,
+            off the latency path; skipped when the next turn starts first): a `TurnTranscript` event, and with a
+            store, `{"turn", "run_id", "text"}` appended to the conversation's metadata under "transcripts".
     """
 
     def __init__(
@@ -136,6 +152,7 @@ class VoiceSession:
         conversation_id: str | None = None,
         frame_seconds: float = 0.02,
         instructions: str = "",
+        transcribe: bool = False,
     ) -> None:
         if frame_seconds <= 0:
             raise UserError(f"frame_seconds must be positive, got {frame_seconds}")
@@ -145,7 +162,9 @@ class VoiceSession:
         self.conversation_id = conversation_id
         self.frame_seconds = frame_seconds
         self.instructions = instructions
+        self.transcribe = transcribe
         self.history: list[Message] = []
+        self._transcribing: asyncio.Task[None] | None = None
         self._events: asyncio.Queue[VoiceEvent | None] = asyncio.Queue()
         self._response: asyncio.Task[None] | None = None
         self._turns = 0
@@ -194,6 +213,9 @@ class VoiceSession:
         if self._closed:
             return
         await self.interrupt()
+        if self._transcribing is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._transcribing
         self._closed = True
         self._events.put_nowait(None)
 
@@ -235,6 +257,8 @@ class VoiceSession:
             self._start(Message(role="user", parts=tuple(parts)), seconds=event.end - event.start)
 
     def _start(self, message: Message, *, seconds: float) -> None:
+        if self._transcribing is not None:
+            self._transcribing.cancel()  # the new turn's answer comes first
         self._turns += 1
         self._events.put_nowait(TurnHeard(turn=self._turns, seconds=seconds))
         self._response = asyncio.ensure_future(self._respond(self._turns, message))
@@ -280,6 +304,7 @@ class VoiceSession:
             if memory is None:
                 self.history = list(result.messages)
             self._events.put_nowait(ResponseDone(turn=turn, text=str(result.output), run_id=result.run_id))
+            self._transcribe_later(turn, message, result.run_id)
         except asyncio.CancelledError:
             if speaking is not None:
                 speaking.cancel()
@@ -288,11 +313,39 @@ class VoiceSession:
             partial = "".join(text)
             run_id = await self._store_interrupted(message, partial)
             self._events.put_nowait(ResponseDone(turn=turn, text=partial, interrupted=True, run_id=run_id))
+            self._transcribe_later(turn, message, run_id)
             raise
         except MMAgentError as exc:
             if speaking is not None:
                 speaking.cancel()
             self._events.put_nowait(ResponseDone(turn=turn, text="".join(text), error=str(exc)))
+
+    def _transcribe_later(self, turn: int, message: Message, run_id: str | None) -> None:
+        audio = [p for p in message.parts if isinstance(p, AudioPart)]
+        if self.transcribe and audio:
+            self._transcribing = asyncio.ensure_future(self._transcribe(turn, audio[0], run_id))
+
+    async def _transcribe(self, turn: int, audio: AudioPart, run_id: str | None) -> None:
+        from agent.models import ModelSettings
+
+        request = [Message(role="user", parts=(audio, TextPart(text=TRANSCRIBE)))]
+        try:
+            response = await self.agent.model.request(request, [], ModelSettings(max_tokens=256, tool_choice="none"))
+        except MMAgentError:
+            return
+        text = response.message.text.strip()
+        self._events.put_nowait(TurnTranscript(turn=turn, text=text))
+        memory: Any = self.agent.memory
+        cid = self.conversation_id
+        if memory is None or cid is None:
+            return
+
+        def store() -> None:
+            metadata = dict(memory.conversation(cid).metadata)
+            metadata["transcripts"] = [*metadata.get("transcripts", []), {"turn": turn, "run_id": run_id, "text": text}]
+            memory.update_conversation(cid, metadata=metadata)
+
+        await asyncio.to_thread(store)
 
     async def _speak(self, turn: int, sentences: asyncio.Queue[str | None]) -> None:
         speaker = self.speaker
