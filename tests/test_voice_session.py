@@ -177,6 +177,22 @@ def test_tools_run_in_voice_turns_and_their_images_reach_the_model() -> None:
     assert done.text == "It is a dark square." and not any(isinstance(e, ResponseAudio) for e in events)
 
 
+def test_without_a_store_the_history_carries_each_turn_once() -> None:
+    model = FunctionModel(lambda messages, info: f"answer {len(messages)}")
+
+    async def go() -> VoiceSession:
+        async with VoiceSession(Agent(model, system_prompt="Be brief.")) as session:
+            for text in ("one", "two", "three"):
+                await session.say(text)
+                await session.wait()
+        return session
+
+    session = asyncio.run(go())
+    roles = [[m.role for m in request] for request in model.requests]
+    assert roles[-1] == ["system", "user", "assistant", "user", "assistant", "user"]  # one system prompt
+    assert [m.text for m in session.history] == ["one", "answer 2", "two", "answer 4", "three", "answer 6"]
+
+
 def test_turns_are_transcribed_after_their_answer_when_asked(tmp_path: Path) -> None:
     def model(messages: list[Message], info: AgentInfo) -> str:
         last = messages[-1]

@@ -301,8 +301,8 @@ class VoiceSession:
             if speaking is not None:
                 await speaking
             assert result is not None
-            if memory is None:
-                self.history = list(result.messages)
+            if memory is None:  # the next run adds the agent's system prompt itself
+                self.history = [m for m in result.messages if m.role != "system"]
             self._events.put_nowait(ResponseDone(turn=turn, text=str(result.output), run_id=result.run_id))
             self._transcribe_later(turn, message, result.run_id)
         except asyncio.CancelledError:
