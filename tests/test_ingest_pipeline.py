@@ -204,7 +204,9 @@ def test_a_bad_source_is_reported_and_the_others_go_on(tmp_path: Path, video: Pa
 
 
 def serve(files: dict[str, bytes]) -> httpx.MockTransport:
-    def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/slow":
+            await asyncio.sleep(5)
         if request.url.path == "/moved":
             return httpx.Response(302, headers={"location": "https://evil.example/x.mp4"})
         body = files.get(request.url.path)
@@ -247,6 +249,11 @@ def test_urls_are_fetched_confined(tmp_path: Path, video: Path, store: Store) ->
     assert [p.name for p in (tmp_path / "dl").iterdir()] == [Path(stored.local_path).name]  # no partial file left
     (no_hosts,) = Ingestor(store, describer()).ingest_sync([urls[0]]).sources
     assert "needs allowed hosts" in (no_hosts.error or "")
+    slow = Ingestor(store, describer(), allowed_hosts=["media.example"], download_dir=tmp_path / "dl",
+                    download_timeout=0.3, transport=transport)  # fmt: skip
+    started = time.monotonic()
+    (late,) = slow.ingest_sync(["https://media.example/slow"]).sources
+    assert "took longer than 0.3 s" in (late.error or "") and time.monotonic() - started < 3
 
 
 # ---------------------------------------------------------------- search and tools

@@ -253,11 +253,19 @@ def test_the_realtime_endpoint_answers_spoken_audio_with_audio_and_a_transcript(
                 json.dumps({"type": "input_audio_buffer.append", "audio": "@@@"}),
                 json.dumps({"type": "input_audio_buffer.append", "audio": odd_bytes}),
                 json.dumps([1, 2]),
+                json.dumps({"type": "input_audio_buffer.append", "audio": "A" * 1_500_000}),  # over the cap
+                json.dumps({"type": "session.update", "session": {"output_modalities": ["video"]}}),
+                json.dumps(
+                    {"type": "session.update", "session": {"audio": {"input": {"turn_detection": {"threshold": "x"}}}}}
+                ),
+                json.dumps({"type": "conversation.item.create", "item": {"content": [{"type": "input_image"}]}}),
             ]
             for message in hostile:
                 ws.send(message)
                 reply = json.loads(ws.recv(timeout=10))
-                assert reply["type"] == "error" and reply["error"]["message"]
+                assert reply["type"] == "error" and reply["error"]["message"], message[:80]
+            ws.send(b"\x00\x01binary")
+            assert json.loads(ws.recv(timeout=10))["type"] == "error"  # and the connection stays open
             detection = {"type": "server_vad", "silence_duration_ms": 500}
             wanted = {"turn_detection": detection, "transcription": {"model": "whisper-1"}}
             ws.send(json.dumps({"type": "session.update", "session": {"audio": {"input": wanted}}}))
