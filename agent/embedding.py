@@ -325,17 +325,9 @@ def _resolve(source: str | os.PathLike[str]) -> tuple[Path, str]:
 
 
 def _device(device: str | None) -> Any:
-    import torch
+    from agent.models.transformers._load import choose_device  # the backend's rules: one place
 
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise UserError(f"unknown device {device!r}") from exc
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} asked for, but CUDA is not available here")
-    return chosen
+    return choose_device(device)
 
 
 def _load(transformers: Any, folder: Path, device: Any) -> tuple[_Pipeline, int, frozenset[Modality]]:
