@@ -316,3 +316,41 @@ def test_mmagent_voice_without_an_audio_device_is_one_clear_line() -> None:
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.startswith("error: ") and len(run.stderr.strip().splitlines()) == 1
     assert any(s in run.stderr for s in ("mmagent[voice]", "PortAudio", "no microphone"))  # brackets kept
+
+
+def test_a_realtime_session_on_the_tiny_phi4_hears_the_clip_and_answers_aloud(tiny_phi4: Any) -> None:
+    import websockets.sync.client as ws_client
+    from serve_support import running
+
+    from agent.server import create_app
+
+    seen: list[Any] = []
+    audio_embed = tiny_phi4.model.model.embed_tokens_extend.audio_embed
+    handle = audio_embed.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["audio_input_features"].shape), with_kwargs=True
+    )
+    agent = Agent(tiny_phi4, settings=ModelSettings(max_tokens=12))
+    try:
+        with (
+            running(create_app(agent, speaker=ToneSpeaker())) as server,
+            ws_client.connect(server.base_url.replace("http", "ws") + "/realtime") as ws,
+        ):
+            assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+            audio = pcm24(np.concatenate([silence(0.3), speech(), silence(1.0)]))
+            for start in range(0, len(audio), 9600):
+                chunk = base64.b64encode(audio[start : start + 9600]).decode()
+                ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
+            transcript, pcm, done = "", b"", None
+            while done is None:
+                event = json.loads(ws.recv(timeout=120))
+                if event["type"] == "response.output_audio_transcript.delta":
+                    transcript += event["delta"]
+                elif event["type"] == "response.output_audio.delta":
+                    pcm += base64.b64decode(event["delta"])
+                elif event["type"] == "response.done":
+                    done = event["response"]
+    finally:
+        handle.remove()
+    assert seen  # the spoken turn went through the audio encoder
+    assert done["status"] == "completed" and done["output"][0]["content"][0]["transcript"] == transcript
+    assert transcript.strip() and len(pcm) / 2 / 24_000 == pytest.approx(0.06 * len(transcript.strip()), rel=0.2)
