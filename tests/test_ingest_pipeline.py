@@ -203,6 +203,37 @@ def test_a_bad_source_is_reported_and_the_others_go_on(tmp_path: Path, video: Pa
         Ingestor(store, describer()).ingest_sync([])
 
 
+def test_a_model_failure_fails_its_source_only_and_a_rerun_finishes_it(
+    tmp_path: Path, video: Path, store: Store
+) -> None:
+    from PIL import Image
+
+    from agent.exceptions import ModelError
+    from agent.testing import FunctionModel
+
+    picture = tmp_path / "blue.png"
+    Image.new("RGB", (64, 48), (30, 40, 200)).save(picture)
+    calls: list[int] = []
+
+    def flaky(messages: Any, info: Any) -> str:
+        calls.append(1)
+        if any(p.kind == "audio" for p in messages[-1].parts) and len(calls) > 2:
+            raise ModelError("out of memory on the GPU")
+        return "a caption"
+
+    report = Ingestor(store, FunctionModel(flaky)).ingest_sync([video, picture])
+    failed, done = report.sources
+    assert failed.status == "failed" and failed.error == "out of memory on the GPU" and done.status == "new"
+    (source,) = [s for s in store.list_sources() if s.kind == "video"]
+    kept = sum(len(store.media_features(s.id)) for s in store.media_segments(source.id))
+    assert 1 <= kept < len(store.media_segments(source.id))  # what finished before the failure is kept
+    again = Ingestor(store, describer()).ingest_sync([video])
+    assert (
+        again.sources[0].status == "resumed"
+        and again.sources[0].features == len(store.media_segments(source.id)) - kept
+    )
+
+
 def serve(files: dict[str, bytes]) -> httpx.MockTransport:
     async def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/slow":

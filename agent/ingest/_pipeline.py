@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from agent.exceptions import MediaError, UserError
+from agent.exceptions import MediaError, MMAgentError, UserError
 from agent.ingest import _sources
 from agent.ingest._audio import audio_clip, segment_audio
 from agent.ingest._extract import DEFAULT_EXTRACTORS, Extractor, main_text
@@ -228,7 +228,7 @@ class Ingestor:
             return SourceReport(uri=uri, status="failed", error=_reason(exc))
         try:
             return await self._ingest(collection, found)
-        except (MediaError, UserError, OSError) as exc:
+        except (MMAgentError, OSError) as exc:  # a bad file, or the model failed on it (too long, out of memory)
             return SourceReport(uri=uri, status="failed", kind=found.kind, error=_reason(exc))
 
     async def _ingest(self, collection: str, found: _sources.LocalSource) -> SourceReport:
@@ -331,7 +331,15 @@ class Ingestor:
                     work.touched.add(segment.id)
                 self._advance()
 
-        await asyncio.gather(*(run(s, e) for s, e in todo))
+        try:
+            async with asyncio.TaskGroup() as group:  # one failure cancels the source's other requests
+                for segment, extractor in todo:
+                    group.create_task(run(segment, extractor))
+        except ExceptionGroup as failed:
+            first: BaseException = failed
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
 
     def _audio_for(self, found: _sources.LocalSource, segment: MediaSegment, extractor: Extractor) -> AudioPart | None:
         if segment.start is None or segment.end is None:
