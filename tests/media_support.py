@@ -108,3 +108,27 @@ def describer(delay: float = 0.0) -> FunctionModel:
 def requests_with(model: FunctionModel, kind: str) -> int:
     """How many requests a `FunctionModel` got whose last message held a part of `kind`."""
     return sum(any(p.kind == kind for p in r[-1].parts) for r in model.requests)
+
+
+def text_pdf(path: Path, lines: Sequence[str]) -> Path:
+    """A one-page PDF whose text layer holds `lines` (Helvetica, written by hand: no PDF writer needed)."""
+    content = b"BT /F1 18 Tf 20 150 Td " + b" ".join(b"(" + t.encode() + b") Tj 0 -24 Td" for t in lines) + b" ET"
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 300 200] /Contents 4 0 R "
+        b"/Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d >>\nstream\n" % len(content) + content + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    path.write_bytes(bytes(out))
+    return path

@@ -191,6 +191,20 @@ def test_images_pdfs_and_folders(tmp_path: Path, store: Store) -> None:
     assert [(t.extractor, t.text) for t in texts] == [("page_text", f"a {c} scene") for c in ("red", "blue", "green")]
 
 
+def test_a_pdf_s_text_layer_is_stored_and_found_without_the_model(tmp_path: Path, store: Store) -> None:
+    from media_support import text_pdf
+
+    path = text_pdf(tmp_path / "budget.pdf", ["Budget 2027", "Travel 120,000 EUR"])
+    report = Ingestor(store, describer()).ingest_sync([path])
+    (page,) = store.media_segments(report.sources[0].source_id)  # type: ignore[arg-type]
+    features = {f.extractor: f.text for f in store.media_features(page.id)}
+    assert features == {"page_text": "a white scene", "pdf_text": "Budget 2027\nTravel 120,000 EUR"}
+    assert report.sources[0].features == 2
+    (hit,) = store.search_media("how much for travel?")
+    assert hit.segment.id == page.id and hit.segment.page == 1
+    assert Ingestor(store, describer()).ingest_sync([path]).sources[0].status == "unchanged"
+
+
 def test_a_bad_source_is_reported_and_the_others_go_on(tmp_path: Path, video: Path, store: Store) -> None:
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))

@@ -1,4 +1,4 @@
-"""Documents: PDF pages rendered as images with pypdfium2.
+"""Documents: PDF pages rendered as images with pypdfium2, with their embedded text layer.
 
 pypdfium2 binds PDFium, the PDF engine of Chromium, which is fuzzed continuously for the browser and so is
 built to meet hostile files. Its wheels carry PDFium itself (no system library, no Ghostscript or poppler to
@@ -121,15 +121,29 @@ def _pages(
                     bitmap = page.render(scale=scale)
                     image = ImagePart.from_pil(bitmap.to_pil())
                     bitmap.close()
+                    text = _text(page)
                 finally:
                     page.close()
             except MediaError:
                 raise
             except Exception as exc:
                 raise MediaError(f"{os.fspath(path)}: cannot render page {index + 1}: {_reason(exc)}") from exc
-            yield Page(number=index + 1, image=image, width=float(width), height=float(height))
+            yield Page(number=index + 1, image=image, width=float(width), height=float(height), text=text)
     finally:
         document.close()
+
+
+def _text(page: Any) -> str:
+    """The page's text layer (PDFium's reading order), newlines normalised; "" when it has none or is broken."""
+    try:
+        layer = page.get_textpage()
+        try:
+            text = str(layer.get_text_range())
+        finally:
+            layer.close()
+    except Exception:  # a broken text layer must not cost the page its image
+        return ""
+    return "\n".join(line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")).strip()
 
 
 def _scale(width: float, height: float, dpi: float, max_pixels: int) -> float:

@@ -6,8 +6,8 @@ Per source, in order, each step committed as it completes so a killed ingest res
 2. `Store.add_source`: an unchanged source (same sha256) whose work is all done writes nothing; a changed one
    starts over;
 3. segment: video -> scenes (cuts) with keyframes, plus speech windows of its audio; audio -> speech windows;
-   image -> one segment; PDF -> one segment per page. Stored segments are reused (a complete source is never
-   decoded again);
+   image -> one segment; PDF -> one segment per page, its embedded text layer (when it has one) stored at once as
+   the `pdf_text` feature. Stored segments are reused (a complete source is never decoded again);
 4. extract: every extractor whose kinds match runs on each segment that lacks its current version; a new
    version re-runs only that extractor;
 5. embed (with an `Embedder`): a text vector per segment from its features, an image vector from its first
@@ -48,6 +48,10 @@ Status = Literal["new", "changed", "resumed", "updated", "unchanged", "failed"]
 MAX_SCENE_AUDIO_SECONDS = 30.0
 """A scene caption hears at most this much of the scene's audio (Phi-4's speech window); speech windows
 (`transcript`) cover all of it."""
+
+PDF_TEXT = "pdf_text"
+"""The feature holding a PDF page's embedded text layer, stored as pages are segmented (no model involved)."""
+PDF_TEXT_VERSION = "1"
 
 MIN_AUDIO_SECONDS = 0.1
 """Audio shorter than this (the tail of a sound track that ends inside a scene) is left out of a request."""
@@ -246,9 +250,9 @@ class Ingestor:
         )
         was_complete = source.complete
         segments = self.store.media_segments(source.id) if was_complete else []
-        if not segments:
-            segments = await self._segment(source, found)
         work = _Work()
+        if not segments:
+            segments = await self._segment(source, found, work)
         await self._extract(source, found, segments, work)
         if self.embedder is not None:
             await self._embed(source, segments, work)
@@ -271,7 +275,7 @@ class Ingestor:
             media_seconds=duration,
         )
 
-    async def _segment(self, source: MediaSource, found: _sources.LocalSource) -> list[MediaSegment]:
+    async def _segment(self, source: MediaSource, found: _sources.LocalSource, work: _Work) -> list[MediaSegment]:
         from memory import NewSegment
 
         path = found.path
@@ -285,7 +289,13 @@ class Ingestor:
                 new = [
                     NewSegment("page", p.number - 1, page=p.number, media=(("keyframe", None, p.image),)) for p in batch
                 ]
-                stored.extend(self.store.add_segments(source.id, new))
+                kept = self.store.add_segments(source.id, new)
+                stored.extend(kept)
+                for segment, page in zip(kept, batch, strict=True):
+                    # A digital PDF's own text, exact and free: searchable whatever the model reads from the image.
+                    if page.text and self.store.put_feature(segment.id, PDF_TEXT, PDF_TEXT_VERSION, page.text):
+                        work.features += 1
+                        work.touched.add(segment.id)
             return stored
         planned: list[NewSegment] = []
         if found.kind == "video":

@@ -111,9 +111,11 @@ class Page:
         image: the page rendered as PNG.
         width: the page's width in points (1/72 inch).
         height: the page's height in points.
+        text: the page's embedded text layer in reading order ("" for a scan, or a page of pictures).
     """
 
     number: int
     image: ImagePart
     width: float
     height: float
+    text: str = ""
