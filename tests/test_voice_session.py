@@ -177,6 +177,41 @@ def test_tools_run_in_voice_turns_and_their_images_reach_the_model() -> None:
     assert done.text == "It is a dark square." and not any(isinstance(e, ResponseAudio) for e in events)
 
 
+class Streaming(FunctionModel):
+    """Streams its answer a word every 5 ms, as a backend generating tokens does."""
+
+    async def request_stream(self, messages: Any, tools: Any, settings: Any) -> Any:
+        from agent.models import TextDelta
+
+        response = await self.request(messages, tools, settings)
+        for word in response.message.text.split(" "):
+            await asyncio.sleep(0.005)
+            yield TextDelta(word + " ")
+        yield response
+
+
+def test_speech_starts_before_the_answer_is_complete() -> None:
+    answer = "The first sentence is short. " + " ".join(["And then it goes on."] * 30)
+
+    async def go() -> list[Any]:
+        events: list[Any] = []
+        model = Streaming(lambda messages, info: answer)
+        async with VoiceSession(Agent(model), speaker=ToneSpeaker()) as session:
+            collector = asyncio.ensure_future(collect(session, events))
+            await session.say("talk to me")
+            await session.wait()
+            await session.close()
+            await collector
+        return events
+
+    events = asyncio.run(go())
+    texts = [i for i, e in enumerate(events) if isinstance(e, ResponseText)]
+    audio = [i for i, e in enumerate(events) if isinstance(e, ResponseAudio)]
+    assert audio and audio[0] < texts[-1]  # the first sentence was spoken while the rest was still coming
+    spoken = sum(len(e.samples) for e in events if isinstance(e, ResponseAudio)) / 16_000
+    assert spoken == pytest.approx(0.06 * len(answer), rel=0.05)  # every sentence, once
+
+
 def test_without_a_store_the_history_carries_each_turn_once() -> None:
     model = FunctionModel(lambda messages, info: f"answer {len(messages)}")
 
