@@ -13,7 +13,8 @@
    embedding model's own cost is left out): 100 queries of one or two words, median. Full text alone, then
    hybrid (full text + vector, fused) when vectors are stored; the last line takes the slower.
 
-Usage: python benchmarks/ingest.py [--model tiny-phi4] [--segments 100000] [--vectors/--no-vectors] [--skip-ingest]
+Usage: python benchmarks/ingest.py [--model tiny-phi4|random-full] [--segments 100000] [--vectors/--no-vectors]
+       [--skip-ingest]    (random-full: the full-size random-weight Phi-4-mm on CUDA, for a lent device)
 Last line: scene_f1=<float> ingest_rtf=<float> query_ms=<float>
 """
 
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 # Run as a script, this file's directory comes first on sys.path and its name would hide the package.
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -206,9 +208,27 @@ def query_latency(store: Store, words: list[str], rng: random.Random, *, vectors
 # ---------------------------------------------------------------- main
 
 
+def load_model(spec: str, *, smoke: bool = False) -> Any:
+    """`resolve_model(spec)`, or `random-full`: the full-size random-weight Phi-4-mm on CUDA with the real processor
+    (`benchmarks/phi4_gpu.py`'s `media_backend`; `--smoke` shrinks it to run on the CPU)."""
+    if spec != "random-full":
+        from agent.models.resolve import resolve_model
+
+        return resolve_model(spec)
+    import importlib.util
+
+    spec_ = importlib.util.spec_from_file_location("phi4_gpu", Path(__file__).with_name("phi4_gpu.py"))
+    assert spec_ is not None and spec_.loader is not None
+    module = importlib.util.module_from_spec(spec_)
+    sys.modules["phi4_gpu"] = module
+    spec_.loader.exec_module(module)
+    return module.media_backend("cpu" if smoke else "cuda", smoke=smoke)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-phi4", help="the model for the ingest (resolve_model spec)")
+    parser.add_argument("--model", default="tiny-phi4", help="a resolve_model spec, or random-full (GPU)")
+    parser.add_argument("--smoke", action="store_true", help="with random-full: a shrunk model on the CPU")
     parser.add_argument("--seconds", type=float, default=600.0)
     parser.add_argument("--cuts", type=int, default=60)
     parser.add_argument("--segments", type=int, default=100_000)
@@ -235,9 +255,7 @@ def main() -> None:
 
         rtf = float("nan")
         if not args.skip_ingest:
-            from agent.models.resolve import resolve_model
-
-            model = resolve_model(args.model)
+            model = load_model(args.model, smoke=args.smoke)
             with Store(Path(tmp) / "ingest.db") as store:
                 started = time.perf_counter()
                 report = Ingestor(store, model, progress=True).ingest_sync([path])

@@ -178,6 +178,29 @@ def build_model(config_dir: Path, attn: str, device: str, smoke: bool) -> Any:
     return model.eval()
 
 
+def media_backend(device: str = "cuda", *, smoke: bool = False, attn: str = "sdpa") -> Any:
+    """A `TransformersModel` on the full-size random-weight Phi-4-mm with the real processor: images and audio
+    run through the real towers at full size (`benchmarks/ingest.py` and `voice.py` use it as
+    `--model random-full`). `smoke` shrinks it to run on a CPU (the code path, not the figures)."""
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+
+    from agent.models.transformers import TransformersModel
+
+    config_dir = _find(ROOT / ".device/phi4mm/native-config", ROOT.parent / "shared/phi4mm/native-config")
+    tokenizer_dir = _find(ROOT / ".device/phi4mm/tokenizer", ROOT.parent / "shared/phi4mm/tokenizer")
+    model = build_model(config_dir, attn, device, smoke)
+    silence_control_ids(model)
+    processor = transformers.Phi4MultimodalProcessor(
+        transformers.Phi4MultimodalImageProcessor(),
+        transformers.Phi4MultimodalFeatureExtractor(),
+        PreTrainedTokenizerFast.from_pretrained(
+            tokenizer_dir, extra_special_tokens={"image_token": "<|endoftext10|>", "audio_token": "<|endoftext11|>"}
+        ),
+    )
+    return TransformersModel(model, processor, kv_reuse=True, name="phi4mm-random-full")
+
+
 def silence_control_ids(model: Any) -> None:
     """Zero the output rows of the control ids: their logits become 0, never the argmax of random logits."""
     import torch

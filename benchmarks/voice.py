@@ -15,7 +15,8 @@ Models: `--model tiny-phi4` hears the turn (the real audio path, random weights)
 so it gets the clip's words as a typed turn at the same moment (the text fallback: generation and speech
 without the audio encoder). Speaker: espeak-ng when installed, else the tone double (`--speech tone`).
 
-Usage: python benchmarks/voice.py [--model tiny-phi4|smollm2|...] [--turns 10] [--speech auto|espeak-ng|tone]
+Usage: python benchmarks/voice.py [--model tiny-phi4|smollm2|random-full|...] [--turns 10] [--speech auto|tone]
+       (random-full: the full-size random-weight Phi-4-mm on CUDA, for a lent device; --smoke: shrunk, on the CPU)
 Last line: first_audio_ms=<float> detect_ms=<float>
 """
 
@@ -111,16 +112,36 @@ async def run(model: Any, speaker: Any, turns: int, hears: bool, max_tokens: int
     return rows
 
 
+def load_model(spec: str, *, smoke: bool = False) -> Any:
+    """`resolve_model(spec)`, or `random-full`: the full-size random-weight Phi-4-mm on CUDA with the real processor
+    (`benchmarks/phi4_gpu.py`'s `media_backend`; `--smoke` shrinks it to run on the CPU)."""
+    if spec != "random-full":
+        from agent.models.resolve import resolve_model
+
+        return resolve_model(spec)
+    import importlib.util
+
+    spec_ = importlib.util.spec_from_file_location("phi4_gpu", Path(__file__).with_name("phi4_gpu.py"))
+    assert spec_ is not None and spec_.loader is not None
+    module = importlib.util.module_from_spec(spec_)
+    sys.modules["phi4_gpu"] = module
+    spec_.loader.exec_module(module)
+    return module.media_backend("cpu" if smoke else "cuda", smoke=smoke)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny-phi4", help="a resolve_model spec (tiny-phi4, smollm2, phi4, ...)")
+    parser.add_argument(
+        "--model", default="tiny-phi4", help="a resolve_model spec (tiny-phi4, smollm2, ...) or random-full"
+    )
+    parser.add_argument("--smoke", action="store_true", help="with random-full: a shrunk model on the CPU")
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--speech", default="auto", help="auto | espeak-ng | kokoro | tone")
     parser.add_argument("--max-tokens", type=int, default=40)
     args = parser.parse_args()
-    from agent.models.resolve import reads_media, resolve_model
+    from agent.models.resolve import reads_media
 
-    model = resolve_model(args.model)
+    model = load_model(args.model, smoke=args.smoke)
     hears = reads_media(model) and "audio" in model.input_modalities
     speaker, line = choose_speaker(args.speech)
     if speaker is None:

@@ -66,3 +66,28 @@ def test_without_cuda_and_smoke_it_skips() -> None:
     proc = _run(env={"CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.startswith("SKIP: no CUDA device"), proc.stdout
+
+
+@pytest.mark.slow  # ~40 s: the media benchmarks on the full-size model's code path, shrunk to run on the CPU
+def test_ingest_and_voice_benchmarks_run_the_random_full_model_path(phi4_reference: Path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("silero_vad")
+    benchmarks = SCRIPT.parent
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    ingest = subprocess.run(
+        [sys.executable, str(benchmarks / "ingest.py"), "--model", "random-full", "--smoke", "--seconds", "20",
+         "--cuts", "2", "--segments", "200", "--no-vectors"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert ingest.returncode == 0, ingest.stderr[-2000:]
+    assert "ingest (phi4mm-random-full)" in ingest.stdout
+    figures = re.fullmatch(r"scene_f1=(\S+) ingest_rtf=(\S+) query_ms=(\S+)", ingest.stdout.strip().splitlines()[-1])
+    assert figures and float(figures[1]) == 1.0 and all(math.isfinite(float(x)) for x in figures.groups())
+    voice = subprocess.run(
+        [sys.executable, str(benchmarks / "voice.py"), "--model", "random-full", "--smoke", "--turns", "2",
+         "--speech", "tone"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert voice.returncode == 0, voice.stderr[-2000:]
+    assert "model: phi4mm-random-full (hears the turn)" in voice.stdout
+    assert re.fullmatch(r"first_audio_ms=[0-9.]+ detect_ms=[0-9.]+", voice.stdout.strip().splitlines()[-1])
