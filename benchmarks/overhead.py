@@ -8,7 +8,8 @@ Pydantic), dispatching the call, building result messages, bookkeeping. The same
 a `memory.Store` on a temporary SQLite file: every step's two phases committed as they complete. First with
 `Store(path)` as it comes, durable commits (`synchronous=FULL`: an fsync per commit, survives power loss),
 which is the figure on the last line; then with `durable=False` (`synchronous=NORMAL`: survives any process
-crash, kill -9 included, not power loss), printed for comparison.
+crash, kill -9 included, not power loss), and the default store with its per-step statements sent through
+SQLAlchemy Core instead of straight to the sqlite3 driver (`memory._fast`), printed for comparison.
 
 Usage: python benchmarks/overhead.py [--steps 200] [--repeat 5]
 Last line: overhead_us_per_step=<float> overhead_us_per_step_sqlite=<float>
@@ -103,14 +104,18 @@ def main() -> None:
     print(f"async tool (no worker thread): median_us={min(statistics.median(r) for r in async_runs):.1f}")
     plain = _best(args, [_measure(args.steps) for _ in range(args.repeat)], "no memory")
     with tempfile.TemporaryDirectory() as folder:
-        durable, normal = [], []
-        for i in range(args.repeat):  # the two settings alternate, so both see the same machine
+        durable, normal, core = [], [], []
+        for i in range(args.repeat):  # the settings alternate, so all see the same machine
             with Store(Path(folder) / f"durable{i}.db") as store:  # the default: durable=True
                 durable.append(_measure(args.steps, store=store))
             with Store(Path(folder) / f"normal{i}.db", durable=False) as store:
                 normal.append(_measure(args.steps, store=store))
+            with Store(Path(folder) / f"core{i}.db") as store:
+                store._fast_sqlite = False  # commit_step through SQLAlchemy Core, as before memory._fast
+                core.append(_measure(args.steps, store=store))
         sqlite = _best(args, durable, "SQLite store, default (durable=True, synchronous=FULL)")
         _best(args, normal, "SQLite store, durable=False (synchronous=NORMAL)")
+        _best(args, core, "SQLite store, default, commit_step through SQLAlchemy Core (the fast path off)")
     print(f"overhead_us_per_step={plain:.1f} overhead_us_per_step_sqlite={sqlite:.1f}")
 
 

@@ -59,6 +59,8 @@ _INSERT_STEP = {
     "postgresql": postgresql.insert(s.steps).on_conflict_do_nothing().returning(_st.step),
 }
 
+INSERT_STEP_SQLITE = _INSERT_STEP["sqlite"]
+
 INSERT_RUN = insert(s.runs)
 INSERT_MESSAGES = insert(s.messages)
 # A part finds its message by (conversation, position), the unique key: no ids are read back, so any number of

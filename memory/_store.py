@@ -24,6 +24,7 @@ from memory import _schema as s
 from memory._blobs import BlobFiles
 from memory._codec import Artifact, Encoded, decode, encode, media_part
 from memory._engine import Database, open_database
+from memory._fast import CoreSteps, SqliteStatements, SqliteSteps
 from memory._lease import Busy, Leases
 from memory._media import MediaStoreMixin, unreferenced
 from memory._values import ConversationInfo, RunInfo, RunStatus, SearchHit
@@ -145,6 +146,8 @@ class Store(MediaStoreMixin):
         self._leases = Leases(lease_ttl, lease_wait)
         self._db: Database | None = open_database(url, busy_timeout=busy_timeout, durable=durable, echo=echo)
         self._file_threshold = file_artifacts_over
+        self._fast_sqlite = True  # commit_step on the sqlite3 driver (memory._fast); tests turn it off to compare
+        self._sqlite_statements: SqliteStatements | None = None
         if file_artifacts_over is not None and self._db.path is None:
             self._db.engine.dispose()
             raise UserError("file_artifacts_over needs an SQLite database file (artifacts go next to it)")
@@ -306,7 +309,8 @@ class Store(MediaStoreMixin):
         # conversation's lease (locking it), the step (a taken key inserts nothing), the conversation's lease
         # and `updated_at` (returning the next position), the messages, their parts, the run's usage.
         with self._database.transaction(write=True) as conn:
-            row = conn.execute(_sql.STEP_STATE, {"run_id": run_id}).first()
+            steps = self._steps(conn)
+            row = steps.state(run_id)
             if row is None:
                 raise self._missing("run", run_id)
             if row.status == "completed":
@@ -315,18 +319,18 @@ class Store(MediaStoreMixin):
             busy = self._leases.claim(conn, row, run_id, now, since=row.first_position)
             if busy is not None:
                 raise self._leases.lost(run_id, cid, busy)
-            if not _sql.insert_step(
-                conn, {"run_id": run_id, "step": step, "phase": phase, "usage": used, "committed_at": now}
-            ):
+            step_row = {"run_id": run_id, "step": step, "phase": phase, "usage": used, "committed_at": now}
+            if not steps.insert_step(step_row):
                 raise UserError(f"step {step} ({phase}) of run {run_id} is already committed")
             touch = self._leases.values(run_id, now)
             if encoded.roles:
                 touch["updated_at"] = now
-            start = _sql.touch(conn, cid, touch)
+            start = steps.touch(cid, touch)
             if encoded.roles:
-                self._insert_messages(conn, cid, start, encoded, now, run_id=run_id, step=step)
-            conn.execute(
-                _sql.UPDATE_RUN,
+                self._put_artifacts(conn, encoded.artifacts, now)
+                rows, part_rows = _message_rows(cid, start, encoded, now, run_id=run_id, step=step)
+                steps.insert_messages(rows, part_rows)
+            steps.update_run(
                 {
                     "rid": run_id,
                     "status": "running",
@@ -334,8 +338,16 @@ class Store(MediaStoreMixin):
                     "finished_at": None,
                     "usage": used,
                     "updated_at": now,
-                },
+                }
             )
+
+    def _steps(self, conn: Connection) -> CoreSteps | SqliteSteps:
+        """The per-step statements: on SQLite straight on the driver (`memory._fast`), elsewhere through Core."""
+        if conn.dialect.name != "sqlite" or not self._fast_sqlite:
+            return CoreSteps(conn)
+        if self._sqlite_statements is None:
+            self._sqlite_statements = SqliteStatements(conn.dialect)
+        return SqliteSteps(conn, self._sqlite_statements)
 
     def renew(self, run_id: str) -> None:
         """Extend the run's lease by `lease_ttl` from now (a heartbeat for steps that outlast the lease).
@@ -782,23 +794,7 @@ class Store(MediaStoreMixin):
         step: int | None,
     ) -> None:
         self._put_artifacts(conn, encoded.artifacts, now)
-        rows = [
-            {
-                "conversation_id": cid,
-                "position": start + i,
-                "role": role,
-                "run_id": run_id,
-                "step": step,
-                "created_at": now,
-            }
-            for i, role in enumerate(encoded.roles)
-        ]
-        conn.execute(_sql.INSERT_MESSAGES, rows)
-        part_rows = [
-            {**row, "cid": cid, "message_position": start + i} for i, rows_ in enumerate(encoded.parts) for row in rows_
-        ]
-        if part_rows:
-            conn.execute(_sql.INSERT_PARTS, part_rows)
+        CoreSteps(conn).insert_messages(*_message_rows(cid, start, encoded, now, run_id=run_id, step=step))
 
     def _put_artifacts(self, conn: Connection, artifacts: Mapping[str, Artifact], now: dt.datetime) -> None:
         if not artifacts:
@@ -931,3 +927,18 @@ def _mark_errors(message: Message, failed: set[str]) -> Message:
 
 
 __all__ = ["MiB", "Store"]
+
+
+def _message_rows(
+    cid: str, start: int, encoded: Encoded, now: dt.datetime, *, run_id: str | None, step: int | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The `mm_messages` rows of encoded messages stored from position `start`, and their `mm_parts` rows (each
+    finding its message by conversation and position)."""
+    rows = [
+        {"conversation_id": cid, "position": start + i, "role": role, "run_id": run_id, "step": step, "created_at": now}
+        for i, role in enumerate(encoded.roles)
+    ]
+    part_rows = [
+        {**row, "cid": cid, "message_position": start + i} for i, rows_ in enumerate(encoded.parts) for row in rows_
+    ]
+    return rows, part_rows

@@ -23,25 +23,56 @@ from agent.messages import AudioPart, ImagePart, Message, RetryPart, TextPart, T
 from agent.models import Usage
 from agent.testing import AgentInfo, FunctionModel, call
 from memory import Store
+from memory._fast import SqliteSteps
 from tools import Tool
 
 MAX_STATEMENTS = 6  # the run and its lease, the step, the conversation, messages, parts, the run (was 9 + BEGIN)
 
 
+class _Counting:
+    """The sqlite3 connection as the fast path uses it, noting each statement in `sinks` (an executemany once)."""
+
+    def __init__(self, raw: Any, *sinks: list[str]) -> None:
+        self.raw, self.sinks = raw, sinks
+
+    def _note(self, sql: str) -> None:
+        for sink in self.sinks:
+            sink.append(sql)
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        self._note(sql)
+        return self.raw.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Any) -> Any:
+        self._note(sql)
+        return self.raw.executemany(sql, rows)
+
+
 @contextmanager
-def counted(store: Store) -> Iterator[list[str]]:
-    """The SQL statements the store sends through SQLAlchemy (an executemany counts once)."""
+def counted(store: Store, driver: list[str] | None = None) -> Iterator[list[str]]:
+    """The SQL statements the store sends, through SQLAlchemy or (SQLite's fast path) straight to the driver,
+    those also listed in `driver` (an executemany counts once)."""
     seen: list[str] = []
     engine = store._database.engine
 
     def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
         seen.append(statement)
 
+    original = store._steps
+
+    def steps(conn: Any) -> Any:
+        made = original(conn)
+        if isinstance(made, SqliteSteps):
+            made.raw = _Counting(made.raw, seen, *([driver] if driver is not None else []))
+        return made
+
     event.listen(engine, "before_cursor_execute", record)
+    store._steps = steps  # type: ignore[method-assign]
     try:
         yield seen
     finally:
         event.remove(engine, "before_cursor_execute", record)
+        del store._steps
 
 
 def png(width: int, height: int, seed: int) -> ImagePart:
@@ -79,9 +110,12 @@ def test_commit_step_issues_few_statements(store: Store) -> None:
         (2, "model", []),  # nothing to store but the step and the usage
     ]
     for step, phase, messages in phases:
-        with counted(store) as seen:
+        driver: list[str] = []
+        with counted(store, driver) as seen:
             store.commit_step(run, step, phase, messages, Usage(step, step, step))  # type: ignore[arg-type]
         assert len(seen) <= MAX_STATEMENTS, "\n".join(seen)
+        # SQLite runs them on the driver (memory._fast); PostgreSQL through SQLAlchemy
+        assert (len(driver) == len(seen)) if store.url.endswith(".db") else not driver, (driver, seen)
         assert not any(s.lstrip().upper().startswith("SELECT COUNT") for s in seen), seen  # the insert says it
     assert store.load_run(run).new_message_count == 6
 
@@ -198,3 +232,52 @@ def test_run_sync_returns_the_result_without_formatting_it(monkeypatch: pytest.M
     assert formatted == []
     with pytest.raises(MaxStepsExceeded):  # a failed run still raises out of run_sync
         Agent(FunctionModel(model), tools=[Tool.from_function(add)], max_steps=1).run_sync("count")
+
+
+PINNED = 1_796_083_200  # 2026-12-01 00:00 UTC: commit_step's clock in the test below
+
+
+def _same(value: Any, run: str, cid: str) -> str:
+    """A cell with the run's and conversation's random ids, and times begin_run took from the wall clock, named."""
+    if isinstance(value, float) and value > PINNED + 3600:
+        return "WALL-CLOCK"
+    return str(value).replace(run, "RUN").replace(cid, "CID")
+
+
+def test_the_sqlite_fast_path_writes_exactly_what_core_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datetime as dt
+
+    import memory._store
+
+    dumps = []
+    for fast in (True, False):
+        clock = iter(dt.datetime.fromtimestamp(PINNED, dt.UTC) + dt.timedelta(milliseconds=i) for i in range(10_000))
+        monkeypatch.setattr(memory._store, "_now", lambda ticks=clock: next(ticks))
+        with Store(tmp_path / f"{fast}.db", file_artifacts_over=None) as store:
+            store._fast_sqlite = fast
+            started = store.begin_run(
+                conversation_id=None, new_messages=[Message.user("go")], model_name="m", system_prompt="s"
+            )
+            run = started.run_id
+            calls = [ToolCallPart(id=f"c{i}", name="t", arguments={"i": i, "s": "é\\u2028"}) for i in range(2)]
+            store.commit_step(run, 0, "model", [Message.assistant("thinking", calls)], Usage(1, 10, 2, 10))
+            results = [tool_result("c0", TextPart(text="ok"), png(8, 8, 1)), tool_result("c1", tone(0.1))]
+            store.commit_step(run, 0, "tools", results, Usage(1, 10, 2, 10))
+            retry = Message(role="user", parts=(RetryPart(message="again", name="t", call_id="c1"),))
+            store.commit_step(run, 1, "model", [retry, Message.assistant("done")], Usage(2, 30, 5, 12))
+            store.commit_step(run, 2, "model", [], Usage(3, 40, 6, 13))
+            store.end_run(run, "completed")
+            cid = started.conversation_id
+        with sqlite3.connect(tmp_path / f"{fast}.db") as conn:
+            dump = {}
+            for table in ("mm_conversations", "mm_runs", "mm_steps", "mm_messages", "mm_parts", "mm_artifacts"):
+                columns = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+                rows = conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
+                keep = [i for i, c in enumerate(columns) if c != "lease_holder"]  # the store instance's own id
+                dump[table] = [tuple(_same(row[i], run, cid) for i in keep) for row in rows]
+        dumps.append(dump)
+    fast_rows, core_rows = dumps
+    for table in fast_rows:
+        for a, b in zip(fast_rows[table], core_rows[table], strict=True):
+            assert a == b, (table, [(x, y) for x, y in zip(a, b, strict=True) if x != y])
+    assert fast_rows["mm_parts"] and fast_rows["mm_artifacts"]
