@@ -110,7 +110,8 @@ class Store(MediaStoreMixin):
         busy_timeout: seconds a writer waits for another process's write to finish (SQLite).
         durable: SQLite: commit with `synchronous=FULL` (survives power loss) rather than NORMAL (survives
             any process crash, faster).
-        echo: log every SQL statement (SQLAlchemy's `echo`).
+        echo: log every SQL statement (SQLAlchemy's `echo`; SQLite then sends `commit_step`'s statements through
+            SQLAlchemy too, rather than straight to the driver, so that they are logged).
         lease_ttl: seconds a run's lease on its conversation lasts after it was taken or last renewed: how
             long a conversation stays blocked after its process was killed.
         lease_wait: seconds `begin_run`, `resume_run` and `append` wait for another run's lease before
@@ -146,7 +147,8 @@ class Store(MediaStoreMixin):
         self._leases = Leases(lease_ttl, lease_wait)
         self._db: Database | None = open_database(url, busy_timeout=busy_timeout, durable=durable, echo=echo)
         self._file_threshold = file_artifacts_over
-        self._fast_sqlite = True  # commit_step on the sqlite3 driver (memory._fast); tests turn it off to compare
+        # commit_step on the sqlite3 driver (memory._fast), unless every statement should be logged (`echo`)
+        self._fast_sqlite = not echo
         self._sqlite_statements: SqliteStatements | None = None
         if file_artifacts_over is not None and self._db.path is None:
             self._db.engine.dispose()
