@@ -26,12 +26,12 @@ import colorsys
 import itertools
 import os
 import random
+import runpy
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 # Run as a script, this file's directory comes first on sys.path and its name would hide the package.
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -208,23 +208,6 @@ def query_latency(store: Store, words: list[str], rng: random.Random, *, vectors
 # ---------------------------------------------------------------- main
 
 
-def load_model(spec: str, *, smoke: bool = False) -> Any:
-    """`resolve_model(spec)`, or `random-full`: the full-size random-weight Phi-4-mm on CUDA with the real processor
-    (`benchmarks/phi4_gpu.py`'s `media_backend`; `--smoke` shrinks it to run on the CPU)."""
-    if spec != "random-full":
-        from agent.models.resolve import resolve_model
-
-        return resolve_model(spec)
-    import importlib.util
-
-    spec_ = importlib.util.spec_from_file_location("phi4_gpu", Path(__file__).with_name("phi4_gpu.py"))
-    assert spec_ is not None and spec_.loader is not None
-    module = importlib.util.module_from_spec(spec_)
-    sys.modules["phi4_gpu"] = module
-    spec_.loader.exec_module(module)
-    return module.media_backend("cpu" if smoke else "cuda", smoke=smoke)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-phi4", help="a resolve_model spec, or random-full (GPU)")
@@ -255,6 +238,8 @@ def main() -> None:
 
         rtf = float("nan")
         if not args.skip_ingest:
+            load_model = runpy.run_path(os.path.join(_HERE, "phi4_gpu.py"), run_name="phi4_gpu")["load_model"]
+
             model = load_model(args.model, smoke=args.smoke)
             with Store(Path(tmp) / "ingest.db") as store:
                 started = time.perf_counter()

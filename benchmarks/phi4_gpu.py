@@ -201,6 +201,15 @@ def media_backend(device: str = "cuda", *, smoke: bool = False, attn: str = "sdp
     return TransformersModel(model, processor, kv_reuse=True, name="phi4mm-random-full")
 
 
+def load_model(spec: str, *, smoke: bool = False) -> Any:
+    """`resolve_model(spec)`, or `random-full`: `media_backend` on CUDA (`smoke`: shrunk, on the CPU)."""
+    if spec == "random-full":
+        return media_backend("cpu" if smoke else "cuda", smoke=smoke)
+    from agent.models.resolve import resolve_model
+
+    return resolve_model(spec)
+
+
 def silence_control_ids(model: Any) -> None:
     """Zero the output rows of the control ids: their logits become 0, never the argmax of random logits."""
     import torch

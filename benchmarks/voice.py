@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import runpy
 import statistics
 import sys
 import time
@@ -112,23 +113,6 @@ async def run(model: Any, speaker: Any, turns: int, hears: bool, max_tokens: int
     return rows
 
 
-def load_model(spec: str, *, smoke: bool = False) -> Any:
-    """`resolve_model(spec)`, or `random-full`: the full-size random-weight Phi-4-mm on CUDA with the real processor
-    (`benchmarks/phi4_gpu.py`'s `media_backend`; `--smoke` shrinks it to run on the CPU)."""
-    if spec != "random-full":
-        from agent.models.resolve import resolve_model
-
-        return resolve_model(spec)
-    import importlib.util
-
-    spec_ = importlib.util.spec_from_file_location("phi4_gpu", Path(__file__).with_name("phi4_gpu.py"))
-    assert spec_ is not None and spec_.loader is not None
-    module = importlib.util.module_from_spec(spec_)
-    sys.modules["phi4_gpu"] = module
-    spec_.loader.exec_module(module)
-    return module.media_backend("cpu" if smoke else "cuda", smoke=smoke)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -139,6 +123,8 @@ def main() -> None:
     parser.add_argument("--speech", default="auto", help="auto | espeak-ng | kokoro | tone")
     parser.add_argument("--max-tokens", type=int, default=40)
     args = parser.parse_args()
+    load_model = runpy.run_path(os.path.join(_HERE, "phi4_gpu.py"), run_name="phi4_gpu")["load_model"]
+
     from agent.models.resolve import reads_media
 
     model = load_model(args.model, smoke=args.smoke)
