@@ -389,3 +389,31 @@ def test_a_realtime_session_on_the_tiny_phi4_hears_the_clip_and_answers_aloud(ti
     assert seen  # the spoken turn went through the audio encoder
     assert done["status"] == "completed" and done["output"][0]["content"][0]["transcript"] == transcript
     assert transcript.strip() and len(pcm) / 2 / 24_000 == pytest.approx(0.06 * len(transcript.strip()), rel=0.2)
+
+
+def test_the_official_openai_client_talks_to_the_realtime_endpoint() -> None:
+    from openai import AsyncOpenAI
+    from serve_support import running
+
+    from agent.server import create_app
+
+    app = create_app(Agent(FunctionModel(lambda m, i: "Sunny in Oslo.")), speaker=ToneSpeaker(), api_keys=["k1"])
+    audio = pcm24(np.concatenate([silence(0.3), speech(), silence(1.0)]))
+
+    async def talk(base: str) -> tuple[list[str], Any]:
+        client = AsyncOpenAI(api_key="k1", base_url=base, websocket_base_url=base.replace("http", "ws"))
+        kinds: list[str] = []
+        async with client.realtime.connect(model="mmagent") as connection:
+            await connection.session.update(session={"type": "realtime", "output_modalities": ["audio"]})
+            for start in range(0, len(audio), 9600):
+                await connection.input_audio_buffer.append(audio=base64.b64encode(audio[start : start + 9600]).decode())
+            async for event in connection:  # parsed into the SDK's own typed events
+                kinds.append(event.type)
+                if event.type == "response.done":
+                    return kinds, event.response
+        raise AssertionError("the connection closed before the response was done")
+
+    with running(app) as server:
+        kinds, response = asyncio.run(talk(server.base_url))
+    assert kinds[:2] == ["session.created", "session.updated"] and "response.output_audio.delta" in kinds
+    assert response.status == "completed" and response.output[0].content[0].transcript == "Sunny in Oslo."
