@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import importlib.util
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -417,3 +418,84 @@ def test_the_official_openai_client_talks_to_the_realtime_endpoint() -> None:
         kinds, response = asyncio.run(talk(server.base_url))
     assert kinds[:2] == ["session.created", "session.updated"] and "response.output_audio.delta" in kinds
     assert response.status == "completed" and response.output[0].content[0].transcript == "Sunny in Oslo."
+
+
+# ---------------------------------------------------------------- the microphone transport, on a fake PortAudio
+
+
+class FakeStream:
+    """A sounddevice stream whose callback the test calls (PortAudio's thread, played by hand)."""
+
+    opened: ClassVar[list[FakeStream]] = []
+
+    def __init__(self, *, samplerate: int, channels: int, dtype: str, callback: Any, **_: Any) -> None:
+        self.samplerate, self.callback, self.running = samplerate, callback, False
+        FakeStream.opened.append(self)
+
+    def start(self) -> None:
+        self.running = True
+
+    def stop(self) -> None:
+        self.running = False
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_microphone_transport_plays_answers_and_stops_them_when_talked_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+    import types
+
+    from agent.voice._device import run_microphone
+
+    fake = types.ModuleType("sounddevice")
+    fake.query_devices = lambda kind=None: {"name": f"fake {kind}"}  # type: ignore[attr-defined]
+    fake.InputStream = fake.OutputStream = FakeStream  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "sounddevice", fake)
+    FakeStream.opened = []
+    answer = "One two three four five six seven eight nine ten. " * 4
+    printed: list[str] = []
+
+    async def go() -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        agent = Agent(Streaming(lambda messages, info: answer))
+        task = asyncio.ensure_future(run_microphone(agent, ToneSpeaker(), echo=printed.append))
+        for _ in range(500):
+            if len(FakeStream.opened) == 2:
+                break
+            await asyncio.sleep(0.01)
+        mic, out = FakeStream.opened
+        assert mic.samplerate == 16_000 and out.samplerate == 16_000 and mic.running and out.running
+
+        async def say(audio: np.ndarray[Any, Any]) -> None:
+            for start in range(0, len(audio), 512):
+                mic.callback(audio[start : start + 512, None], 512, None, None)
+                await asyncio.sleep(0)
+
+        def play(seconds: float) -> np.ndarray[Any, Any]:
+            frames = int(seconds * 16_000)
+            buffer = np.zeros((frames, 1), np.float32)
+            out.callback(buffer, frames, None, None)
+            return buffer[:, 0].copy()
+
+        await say(np.concatenate([speech(), silence(1.0)]))
+        for _ in range(500):  # until the answer is being spoken
+            if "assistant: " in printed and len(printed) > 3:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        heard = play(0.5)
+        await say(speech()[:16_000])  # talk over it
+        await asyncio.sleep(0.05)
+        after = play(0.5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert not mic.running and not out.running
+        return heard, after
+
+    heard, after = asyncio.run(go())
+    assert np.abs(heard).max() > 0.1  # the answer was playing
+    assert np.abs(after).max() == 0.0  # and stopped when the user spoke: the queued frames were dropped
+    assert printed[:3] == ["listening (Ctrl-C to stop)", "you: (4.1 s of speech)", "assistant: "]
