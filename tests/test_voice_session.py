@@ -267,6 +267,23 @@ def pcm24(samples: np.ndarray[Any, Any]) -> bytes:
     return (np.clip(up, -1, 1) * 32767).astype("<i2").tobytes()
 
 
+def read_response(ws: Any, timeout: float) -> tuple[list[str], str, bytes, dict[str, Any], str | None]:
+    """Server events up to `response.done`: their types, the transcript, the PCM, the response, the committed item."""
+    kinds: list[str] = []
+    transcript, pcm, item = "", b"", None
+    while True:
+        event = json.loads(ws.recv(timeout=timeout))
+        kinds.append(event["type"])
+        if event["type"] == "response.output_audio_transcript.delta":
+            transcript += event["delta"]
+        elif event["type"] == "response.output_audio.delta":
+            pcm += base64.b64decode(event["delta"])
+        elif event["type"] == "input_audio_buffer.committed":
+            item = event["item_id"]
+        elif event["type"] == "response.done":
+            return kinds, transcript, pcm, event["response"], item
+
+
 def test_the_realtime_endpoint_answers_spoken_audio_with_audio_and_a_transcript() -> None:
     import websockets.sync.client as ws_client
     from serve_support import running
@@ -311,19 +328,7 @@ def test_the_realtime_endpoint_answers_spoken_audio_with_audio_and_a_transcript(
             for start in range(0, len(audio), 4800):  # 100 ms appends
                 chunk = base64.b64encode(audio[start : start + 4800]).decode()
                 ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
-            kinds: list[str] = []
-            transcript, pcm = "", b""
-            while "response.done" not in kinds:
-                event = json.loads(ws.recv(timeout=30))
-                kinds.append(event["type"])
-                if event["type"] == "response.output_audio_transcript.delta":
-                    transcript += event["delta"]
-                elif event["type"] == "response.output_audio.delta":
-                    pcm += base64.b64decode(event["delta"])
-                elif event["type"] == "response.done":
-                    done = event["response"]
-                elif event["type"] == "input_audio_buffer.committed":
-                    item = event["item_id"]
+            kinds, transcript, pcm, done, item = read_response(ws, 30)
             heard = json.loads(ws.recv(timeout=30))  # transcribed after the answer, off its latency path
             assert heard["type"] == "conversation.item.input_audio_transcription.completed"
             assert heard["item_id"] == item and heard["transcript"] == "Sunny in Oslo. Your timer is set."
@@ -376,15 +381,7 @@ def test_a_realtime_session_on_the_tiny_phi4_hears_the_clip_and_answers_aloud(ti
             for start in range(0, len(audio), 9600):
                 chunk = base64.b64encode(audio[start : start + 9600]).decode()
                 ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
-            transcript, pcm, done = "", b"", None
-            while done is None:
-                event = json.loads(ws.recv(timeout=120))
-                if event["type"] == "response.output_audio_transcript.delta":
-                    transcript += event["delta"]
-                elif event["type"] == "response.output_audio.delta":
-                    pcm += base64.b64decode(event["delta"])
-                elif event["type"] == "response.done":
-                    done = event["response"]
+            _, transcript, pcm, done, _ = read_response(ws, 120)
     finally:
         handle.remove()
     assert seen  # the spoken turn went through the audio encoder
