@@ -7,6 +7,7 @@ exit with status 1; usage errors exit with 2.
 from __future__ import annotations
 
 import asyncio
+import glob
 import importlib
 import importlib.util
 import json
@@ -584,13 +585,29 @@ def eval_bfcl(
     max_tokens: Annotated[int, typer.Option(min=1, help="tokens per answer")] = 512,
     report: Annotated[Path, typer.Option(help="where to write the JSON report")] = Path("bfcl-report.json"),
     data: Annotated[Path | None, typer.Option(help="a folder laid out as bfcl-eval's data/ (default: its own)")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="go on from the journal an interrupted run left beside the report")
+    ] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="discard such a journal and start over")] = False,
 ) -> None:
-    """Berkeley Function Calling Leaderboard v4 (single-turn categories), AST-checked, through the model seam."""
+    """Berkeley Function Calling Leaderboard v4 (single-turn categories), AST-checked, through the model seam.
+
+    Each mode's results go to a journal beside the report (`REPORT.<mode>.jsonl`) as they are judged; after an
+    interruption, the same command with --resume asks only the cases not yet judged.
+    """
     from agent.evals import BFCL_CATEGORIES, bfcl_version, load_bfcl
     from agent.models import ModelSettings
     from agent.models.resolve import resolve_model
 
     _report_path(report)
+    journals = sorted(report.parent.glob(glob.escape(report.name) + ".*.jsonl"))
+    if resume and fresh:
+        _fail("--resume and --fresh contradict each other: choose one")
+    if journals and not resume and not fresh:
+        _fail(f"an interrupted run left {', '.join(str(j) for j in journals)}: "
+              "--resume to go on from it, or --fresh to start over")  # fmt: skip
+    for stale in journals if fresh else []:
+        stale.unlink()
     names = [c.strip() for item in categories or [] for c in item.split(",") if c.strip()] or list(BFCL_CATEGORIES)
     cases = _guard(lambda: load_bfcl(names, data_dir=data, limit=limit, seed=seed))
     with err.status(f"loading model {model} ..."):
@@ -602,14 +619,16 @@ def eval_bfcl(
                                 "runs": []}  # fmt: skip
     runs = []
     for flag in [True, False] if both else [constrained]:
-        runs.append(_bfcl_mode(backend, cases, flag, settings))
+        runs.append(_bfcl_mode(backend, cases, flag, settings, report))
         document["runs"].append(runs[-1].to_json())
         _write_report(report, document)  # after each mode: a later failure keeps what ran
+    for run in runs:  # all of it is in the report now
+        Path(f"{report}.{run.mode}.jsonl").unlink(missing_ok=True)
     _print_bfcl(names, runs)
     err.print(f"wrote {report}")
 
 
-def _bfcl_mode(backend: Any, cases: list[Any], constrained: bool | None, settings: Any) -> Any:
+def _bfcl_mode(backend: Any, cases: list[Any], constrained: bool | None, settings: Any, report: Path) -> Any:
     """One pass over the cases with the grammar on, off, or as the backend is; a line per category done."""
     from collections import Counter
 
@@ -628,9 +647,15 @@ def _bfcl_mode(backend: Any, cases: list[Any], constrained: bool | None, setting
     async def go() -> Any:
         with with_constraint(backend, constrained) as mode:
             err.print(f"[bold]{mode}[/bold]")
-            return await run_bfcl(backend, cases, mode=mode, settings=settings, progress=tick)
+            journal = Path(f"{report}.{mode}.jsonl")
+            return await run_bfcl(backend, cases, mode=mode, settings=settings, progress=tick, journal=journal)
 
-    return _guard(lambda: asyncio.run(go()))
+    try:
+        return _guard(lambda: asyncio.run(go()))
+    except typer.Exit as exc:
+        if exc.exit_code == 130:  # Ctrl-C: what was judged is in the journal
+            err.print("the cases judged so far are kept: run the same command with --resume to go on")
+        raise
 
 
 def _print_bfcl(names: list[str], runs: list[Any]) -> None:

@@ -14,6 +14,13 @@ as a `<tool_call>` block in SmolLM2's tokens (192; median 112), so the budget do
 
     python benchmarks/bfcl.py [--n 8] [--categories simple,multiple,parallel,irrelevance] [--max-tokens 256]
                               [--tool-choice auto] [--threads 1] [--report bfcl_bench.json]
+                              [--modes constrained,unconstrained] [--journal DIR]
+
+Long runs: `--journal DIR` keeps each mode's results in `DIR/bfcl_<mode>.jsonl` as they are judged (see
+`run_bfcl`), so a run stopped at any point goes on from there, and the two modes can run as two processes at
+once (`--modes constrained` in one, `--modes unconstrained` in the other, one torch thread each); a last
+call with both modes and the same journal prints the table from the journals. The cases go round the
+categories in turn, so a run cut short still covers each category alike.
 
 Last line: `bfcl_constrained=<float> bfcl_unconstrained=<float>` (overall AST accuracy over all cases run).
 """
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import sys
 import time
@@ -69,11 +77,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", type=Path, default=None, help="also write the JSON report here")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared 2-core box)")
+    parser.add_argument("--modes", default="constrained,unconstrained", help="which modes to run, in order")
+    parser.add_argument("--journal", type=Path, default=None, help="a folder of per-mode journals to resume from")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
 
-    cases = load_bfcl(categories, limit=args.n, seed=args.seed)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"constrained", "unconstrained"}:
+        parser.error(f"--modes takes constrained and/or unconstrained, got {args.modes!r}")
+    by_category = [load_bfcl([name], limit=args.n, seed=args.seed) for name in categories]
+    cases = [c for group in itertools.zip_longest(*by_category) for c in group if c is not None]
+    if args.journal is not None:
+        args.journal.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     model = TransformersModel.smollm2(progress=False)
     print(f"SmolLM2-135M-Instruct loaded in {time.perf_counter() - started:.1f} s; bfcl-eval {bfcl_version()}; "
@@ -81,15 +97,16 @@ def main() -> None:
           f"max_tokens={args.max_tokens}; {args.threads} torch thread(s)", flush=True)  # fmt: skip
     settings = ModelSettings(tool_choice=args.tool_choice, max_tokens=args.max_tokens)
     runs: list[BfclRun] = []
-    for constrained in (True, False):
-        with with_constraint(model, constrained) as mode:
+    for name in modes:
+        with with_constraint(model, name == "constrained") as mode:
             print(f"\n{mode}", flush=True)
-            runs.append(asyncio.run(run_bfcl(model, cases, mode=mode, settings=settings, progress=show)))
+            journal = args.journal / f"bfcl_{mode}.jsonl" if args.journal is not None else None
+            run = run_bfcl(model, cases, mode=mode, settings=settings, progress=show, journal=journal)
+            runs.append(asyncio.run(run))
     table(categories, runs)
     if args.report is not None:
         args.report.write_text(json.dumps({"runs": [r.to_json() for r in runs]}, indent=1) + "\n")
-    by_mode = {r.mode: r.overall for r in runs}
-    print(f"bfcl_constrained={by_mode.get('constrained', 0.0):.4f} bfcl_unconstrained={by_mode['unconstrained']:.4f}")
+    print(" ".join(f"bfcl_{r.mode}={r.overall:.4f}" for r in runs))
 
 
 if __name__ == "__main__":

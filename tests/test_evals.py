@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -385,6 +387,97 @@ async def test_accuracy_comes_from_the_checker(bfcl_dir: Path) -> None:
     assert third["kind"] == "irrelevance"
 
 
+def recording(asked: list[str]) -> FunctionModel:
+    """`scripted`, noting each question it is asked."""
+
+    def answer(messages: list[Message], info: AgentInfo) -> list[ToolCallPart] | str:
+        asked.append(messages[-1].text)
+        return scripted(messages, info)
+
+    return FunctionModel(answer)
+
+
+async def test_a_journal_resumes_a_stopped_run_without_asking_again(bfcl_dir: Path, tmp_path: Path) -> None:
+    cases = load_bfcl(["simple", "irrelevance"], data_dir=bfcl_dir)
+    journal = tmp_path / "run.jsonl"
+    first = FunctionModel(scripted)
+    whole = await run_bfcl(first, cases, journal=journal)
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 4 and json.loads(lines[0])["mode"] == "default"  # a header, then a line per case
+    # A crash cut the last line short, after the first case was written whole.
+    journal.write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])
+    asked: list[str] = []
+    seen: list[str] = []
+    resumed = await run_bfcl(recording(asked), cases, journal=journal, progress=lambda r: seen.append(r.id))
+    assert asked == ["add 2", "hi"]  # the case written whole is not asked again
+    assert seen == ["simple_python_1", "simple_python_2", "irrelevance_0"]
+    assert [r.to_json() | {"seconds": 0} for r in resumed.results] == [
+        r.to_json() | {"seconds": 0} for r in whole.results
+    ]
+    assert [json.loads(line)["result"]["id"] for line in journal.read_text().splitlines()[1:]] == [
+        "simple_python_1", "simple_python_2", "irrelevance_0"
+    ]  # fmt: skip
+
+    def refuse(messages: list[Message], info: AgentInfo) -> str:
+        raise AssertionError("a judged case was asked again")
+
+    done = await run_bfcl(FunctionModel(refuse), cases, journal=journal)
+    assert done.overall == whole.overall and done.accuracy() == whole.accuracy()
+
+
+async def test_a_journal_of_another_run_or_a_broken_one_is_refused(bfcl_dir: Path, tmp_path: Path) -> None:
+    cases = load_bfcl(["simple"], data_dir=bfcl_dir)
+    journal = tmp_path / "run.jsonl"
+    await run_bfcl(FunctionModel(scripted), cases, journal=journal)
+    kept = journal.read_text()
+    with pytest.raises(UserError, match=r"holds another run .*mode 'default'.*this one: .*mode 'constrained'"):
+        await run_bfcl(FunctionModel(scripted), cases, journal=journal, mode="constrained")
+    other = ModelSettings(tool_choice="auto", max_tokens=7)
+    with pytest.raises(UserError, match="holds another run"):
+        await run_bfcl(FunctionModel(scripted), cases, journal=journal, settings=other)
+    assert journal.read_text() == kept  # refused, not overwritten
+    journal.write_text(kept.replace('"result": {"id"', '"result": {"idx"', 1))
+    with pytest.raises(UserError, match="line 2 is not a result"):
+        await run_bfcl(FunctionModel(scripted), cases, journal=journal)
+    with pytest.raises(UserError, match="cannot write the journal"):
+        await run_bfcl(FunctionModel(scripted), cases, journal=tmp_path / "no" / "such" / "run.jsonl")
+    # A case whose content changed under the same id is asked again, not taken from the journal.
+    journal.write_text(kept)
+    changed = [dataclasses.replace(cases[0], answers=({"add": {"a": [5]}},)), cases[1]]
+    asked: list[str] = []
+    run = await run_bfcl(recording(asked), changed, journal=journal)
+    assert asked == ["add 1"] and run.results[0].ok is False
+
+
+def test_a_journal_survives_kill_9(bfcl_dir: Path, tmp_path: Path) -> None:
+    """A run killed at any point loses at most the case it was asking; the rest is not asked again."""
+    journal = tmp_path / "run.jsonl"
+    asked = tmp_path / "asked.txt"
+    script = f"""
+import asyncio, os, signal
+from agent.evals import load_bfcl, run_bfcl
+from agent.testing import FunctionModel, call
+
+def answer(messages, info):
+    with open({str(asked)!r}, "a") as f:
+        f.write(messages[-1].text + "\\n")
+    if messages[-1].text == "hi" and os.environ.get("KILL"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return [call("add", a=1)] if messages[-1].text.startswith("add") else "no"
+
+cases = load_bfcl(["simple", "irrelevance"], data_dir={str(bfcl_dir)!r})
+run = asyncio.run(run_bfcl(FunctionModel(answer), cases, journal={str(journal)!r}))
+print(run.overall)
+"""
+    killed = subprocess.run([sys.executable, "-c", script], env={**os.environ, "KILL": "1"}, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 0, finished.stderr
+    assert float(finished.stdout) == pytest.approx(2 / 3)  # add 1 right, add 2 wrong, no call for "hi" right
+    assert asked.read_text().split("\n") == ["add 1", "add 2", "hi", "hi", ""]
+
+
 def test_the_grammar_switch_needs_an_in_process_model() -> None:
     model = FunctionModel(scripted)
     with with_constraint(model, None) as mode:
@@ -411,23 +504,28 @@ async def test_in_process_runs_both_modes_through_the_backend(tiny_phi4: Any, bf
 # ------------------------------------------------------------------ the command
 
 
+BROKEN_ON: set[str] = set()  # questions the stand-in server answers with something that is not a completion
+
+
 @pytest.fixture(scope="module")
 def chat_server() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """A stand-in OpenAI-compatible server: `add N` gets a call to add with a=1; audio gets a transcript."""
     from serve_support import running
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import JSONResponse
+    from starlette.responses import JSONResponse, PlainTextResponse
     from starlette.routing import Route
 
     seen: list[dict[str, Any]] = []
 
-    async def completions(request: Request) -> JSONResponse:
+    async def completions(request: Request) -> Any:
         body = await request.json()
         seen.append(body)
         content = body["messages"][-1]["content"]
         parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
         text = " ".join(p.get("text", "") for p in parts)
+        if text in BROKEN_ON:
+            return PlainTextResponse("not a completion")
         message: dict[str, Any] = {"role": "assistant", "content": "no"}
         if any(p["type"] == "input_audio" for p in parts):
             message["content"] = "the cat sat"
@@ -460,6 +558,37 @@ def test_eval_bfcl_command_writes_a_report(chat_server: tuple[str, list[dict[str
     assert [c["id"] for c in run["cases"]] == ["simple_python_1", "simple_python_2", "irrelevance_0"]
     assert set(run["cases"][0]) >= {"id", "category", "ok", "reason", "calls"}
     assert seen[-1]["tools"][0]["function"]["name"] == "add" and seen[-1].get("tool_choice", "auto") == "auto"
+
+
+def test_eval_bfcl_goes_on_after_an_interruption(
+    chat_server: tuple[str, list[dict[str, Any]]], bfcl_dir: Path, tmp_path: Path
+) -> None:
+    url, seen = chat_server
+    report = tmp_path / "report.json"
+    journal = tmp_path / "report.json.default.jsonl"
+    args = ["eval", "bfcl", "--model", url, "--data", str(bfcl_dir), "-c", "simple,irrelevance",
+            "--report", str(report)]  # fmt: skip
+    BROKEN_ON.add("add 2")
+    try:
+        broken = mmagent(*args)
+    finally:
+        BROKEN_ON.clear()
+    assert broken.returncode == 1 and "Traceback" not in broken.stderr
+    assert not report.exists() and len(journal.read_text().splitlines()) == 2  # the header and add 1
+    refused = mmagent(*args)
+    assert refused.returncode == 1 and "--resume to go on from it, or --fresh to start over" in refused.stderr
+    assert "contradict" in mmagent(*args, "--resume", "--fresh").stderr
+    before = len(seen)
+    resumed = mmagent(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    asked = [body["messages"][-1]["content"] for body in seen[before:]]
+    assert asked == ["add 2", "hi"]  # add 1 came from the journal
+    run = json.loads(report.read_text())["runs"][0]
+    assert [c["id"] for c in run["cases"]] == ["simple_python_1", "simple_python_2", "irrelevance_0"]
+    assert run["overall"] == pytest.approx(2 / 3) and not journal.exists()  # the report holds it all now
+    journal.write_text("{}\n")
+    before = len(seen)
+    assert mmagent(*args, "--fresh").returncode == 0 and len(seen) - before == 3 and not journal.exists()
 
 
 @pytest.mark.parametrize(

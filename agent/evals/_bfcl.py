@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import importlib.metadata
 import importlib.resources
 import importlib.util
 import json
 import math
+import os
 import random
 import re
 import time
@@ -438,6 +440,20 @@ class BfclResult:
             "seconds": round(self.seconds, 3),
         }
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BfclResult:
+        """The result `to_json` wrote.
+
+        Raises:
+            KeyError, TypeError, ValueError: `data` is not such a result.
+        """
+        calls = data["calls"]
+        if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+            raise TypeError("calls must be a list of objects")
+        return cls(str(data["id"]), str(data["category"]), bool(data["ok"]), str(data["reason"]), str(data["kind"]),
+                   calls, str(data.get("text", "")), tuple(str(e) for e in data.get("parse_errors", ())),
+                   float(data.get("seconds", 0.0)))  # fmt: skip
+
 
 @dataclass(slots=True)
 class BfclRun:
@@ -491,28 +507,134 @@ async def run_bfcl(
     mode: str = "default",
     settings: ModelSettings | None = None,
     progress: Callable[[BfclResult], None] | None = None,
+    journal: str | Path | None = None,
 ) -> BfclRun:
     """Ask `model` each case once (`Model.request`, `tool_choice="auto"`) and judge its calls.
 
     A case whose request the model refuses (too long for its context, or a server's 4xx) counts as wrong with
     the reason; other model errors (a server that cannot be reached, a load failure) end the run.
 
+    With a `journal`, each result is appended to that file (JSON lines, flushed to disk) as soon as it is
+    judged, and cases it already holds are not asked again: a run stopped at any point (a crash, Ctrl-C,
+    kill -9) goes on from where it stopped when called again with the same journal. The journal's first line
+    names the model, mode and settings; a journal written under others is refused rather than mixed in.
+
     Args:
         model: any backend.
         cases: from `load_bfcl`.
         mode: the label stored with the run (see `with_constraint`).
         settings: generation settings; by default `ModelSettings(tool_choice="auto", max_tokens=512)`.
-        progress: called with each result as it comes.
+        progress: called with each result as it comes (results taken from the journal first, in case order).
+        journal: a file to resume from and write to (created if missing).
+
+    Raises:
+        UserError: the journal was written by another model, mode or settings, or cannot be read or written.
     """
     settings = settings or ModelSettings(tool_choice="auto", max_tokens=512)
     run = BfclRun(mode=mode, model=model.name)
-    started = time.perf_counter()
-    for case in cases:
-        run.results.append(await _one(model, case, settings))
+    book = _Journal(Path(journal), model.name, mode, settings) if journal is not None else None
+    done = book.load() if book is not None else {}
+    resumed = [done[(case.id, _digest(case))] for case in cases if (case.id, _digest(case)) in done]
+    for result in resumed:
         if progress is not None:
-            progress(run.results[-1])
-    run.seconds = time.perf_counter() - started
+            progress(result)
+    started = time.perf_counter()
+    results: dict[str, BfclResult] = {r.id: r for r in resumed}
+    try:
+        for case in cases:
+            if case.id in results:
+                continue
+            results[case.id] = result = await _one(model, case, settings)
+            if book is not None:
+                book.append(case, result)
+            if progress is not None:
+                progress(result)
+    finally:
+        if book is not None:
+            book.close()
+    run.results = [results[case.id] for case in cases]
+    run.seconds = time.perf_counter() - started + sum(r.seconds for r in resumed)
     return run
+
+
+def _digest(case: BfclCase) -> str:
+    """What identifies a case's content (a journal's result stands only for the case it was judged on)."""
+    content = [case.category, [(m.role, m.text) for m in case.messages], case.functions, case.answers]
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _Journal:
+    """A run's results as JSON lines: a header line, then one `{"case": digest, "result": {...}}` per case."""
+
+    def __init__(self, path: Path, model: str, mode: str, settings: ModelSettings) -> None:
+        self.path = path
+        self.header = {
+            "bfcl_journal": 1,
+            "model": model,
+            "mode": mode,
+            "settings": {k: getattr(settings, k) for k in _JOURNAL_SETTINGS},
+        }
+        self._file: Any = None
+
+    def load(self) -> dict[tuple[str, str], BfclResult]:
+        """The results already judged, by (case id, digest); creates the journal when there is none."""
+        try:
+            raw = self.path.read_bytes() if self.path.exists() else b""
+        except OSError as exc:
+            raise UserError(f"cannot read the journal {str(self.path)!r}: {exc.strerror or exc}") from None
+        if not raw.strip():
+            self._open("w")
+            self._write(self.header)
+            return {}
+        lines = raw.split(b"\n")
+        complete = len(raw) if raw.endswith(b"\n") else len(raw) - len(lines[-1])  # a line cut by a crash
+        try:
+            header = json.loads(lines[0])
+        except ValueError:
+            header = None
+        if header != json.loads(json.dumps(self.header)):
+            found = header if isinstance(header, dict) else {}
+            raise UserError(
+                f"the journal {str(self.path)!r} holds another run (model {found.get('model')!r}, mode "
+                f"{found.get('mode')!r}, settings {found.get('settings')}; this one: model {self.header['model']!r}, "
+                f"mode {self.header['mode']!r}, settings {self.header['settings']}): remove it or use another file"
+            )
+        done: dict[tuple[str, str], BfclResult] = {}
+        for number, line in enumerate(lines[1:], start=2):
+            if not line.strip() or (number == len(lines) and complete < len(raw)):
+                continue
+            try:
+                entry = json.loads(line)
+                result = BfclResult.from_json(entry["result"])
+                done[(result.id, str(entry["case"]))] = result
+            except (ValueError, KeyError, TypeError) as exc:
+                raise UserError(f"the journal {str(self.path)!r} line {number} is not a result: {exc}") from None
+        self._open("r+b")
+        self._file.truncate(complete)  # drop a cut line so the next one starts clean
+        self._file.seek(complete)
+        return done
+
+    def append(self, case: BfclCase, result: BfclResult) -> None:
+        self._write({"case": _digest(case), "result": result.to_json()})
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _open(self, how: str) -> None:
+        try:
+            self._file = self.path.open(how if "b" in how else how + "b")
+        except OSError as exc:
+            raise UserError(f"cannot write the journal {str(self.path)!r}: {exc.strerror or exc}") from None
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        self._file.write(json.dumps(entry, ensure_ascii=False).encode() + b"\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+
+_JOURNAL_SETTINGS = ("max_tokens", "temperature", "top_p", "seed", "tool_choice", "stop", "parallel_tool_calls")
 
 
 async def _one(model: Model, case: BfclCase, settings: ModelSettings) -> BfclResult:
