@@ -492,6 +492,40 @@ class Store(MediaStoreMixin):
             self._lock_conversation(conn, conversation_id)
             conn.execute(update(s.conversations).where(s.conversations.c.id == conversation_id).values(**values))
 
+    def truncate_message(self, conversation_id: str, position: int, keep: str) -> None:
+        """Cut a stored text message to `keep`, a prefix of its text: what a listener heard of a spoken answer
+        the user talked over (`VoiceSession.truncate`), so the conversation does not remember saying the rest.
+
+        The message keeps its place, role and run; its text parts become one part holding `keep` (full-text
+        search follows). It does not wait for the conversation's lease: a run in progress only appends after it.
+
+        Raises:
+            UserError: no such conversation or message, a message with other parts than text, or `keep` is not
+                a prefix of the message's text.
+        """
+        m, p = s.messages.c, s.parts.c
+        with self._database.transaction(write=True) as conn:
+            self._lock_conversation(conn, conversation_id)
+            found = conn.execute(
+                select(m.id).where(m.conversation_id == conversation_id, m.position == position)
+            ).scalar_one_or_none()
+            if found is None:
+                raise UserError(f"conversation {conversation_id!r} has no message at position {position}")
+            order = (p.position, p.sub)
+            rows = conn.execute(select(p.id, p.kind, p.text).where(p.message_id == found).order_by(*order)).all()
+            if any(row.kind != "text" for row in rows):
+                raise UserError(f"message {position} of conversation {conversation_id!r} is not text only")
+            whole = "".join(row.text or "" for row in rows)
+            if not whole.startswith(keep):
+                raise UserError(f"the text to keep is not the start of message {position}'s text")
+            if not rows or whole == keep:
+                return
+            conn.execute(update(s.parts).where(p.id == rows[0].id).values(text=keep))
+            if len(rows) > 1:
+                conn.execute(delete(s.parts).where(p.id.in_([row.id for row in rows[1:]])))
+            touch = update(s.conversations).where(s.conversations.c.id == conversation_id)
+            conn.execute(touch.values(updated_at=_now()))
+
     def delete_conversation(self, conversation_id: str) -> None:
         """Delete a conversation with its messages, parts, runs and steps; artifacts nothing else uses go too."""
         with self._database.transaction(write=True) as conn:

@@ -320,6 +320,33 @@ def test_export_import_round_trip(store: Store) -> None:
         store.import_conversation({**exported, "format": "other/9"})
 
 
+def test_truncating_a_spoken_answer_keeps_only_what_was_heard(store: Store) -> None:
+    answer = Message(
+        role="assistant", parts=(TextPart(text="The station is north. "), TextPart(text="Walk ten minutes."))
+    )
+    cid = store.create_conversation([Message.user("Where is the station?", audio=[tone()]), answer])
+    store.append(cid, [Message.user("thanks")])
+    assert [h.conversation_id for h in store.search("minutes")] == [cid]
+    store.truncate_message(cid, 1, "The station is north.")
+    messages = store.load_conversation(cid)
+    assert [m.role for m in messages] == ["user", "assistant", "user"] and messages[2].text == "thanks"
+    assert messages[1].parts == (TextPart(text="The station is north."),)
+    assert store.search("minutes") == [] and [h.conversation_id for h in store.search("north")] == [cid]
+    assert store.conversation(cid).message_count == 3
+    store.truncate_message(cid, 1, "The station is north.")  # the same again changes nothing
+    store.truncate_message(cid, 1, "")  # nothing was heard
+    assert store.load_conversation(cid)[1].text == "" and store.search("north") == []
+    with pytest.raises(UserError, match="not the start of message 2's text"):
+        store.truncate_message(cid, 2, "no thanks")
+    with pytest.raises(UserError, match="is not text only"):
+        store.truncate_message(cid, 0, "Where")  # the user's turn holds audio
+    with pytest.raises(UserError, match="has no message at position 7"):
+        store.truncate_message(cid, 7, "")
+    with pytest.raises(UserError, match="no conversation 'nope'"):
+        store.truncate_message("nope", 0, "")
+    assert store.load_conversation(cid)[2].text == "thanks"
+
+
 def test_search_filters_by_conversation_time_and_kind(store: Store) -> None:
     photo = png(8, 8, seed=20)
     first = store.create_conversation(

@@ -483,6 +483,17 @@ def test_the_splitter_is_reusable_and_its_docstring_example_holds() -> None:
     assert split("Again. Yes", splitter) == ["Again.", "Yes"]
 
 
+def test_the_splitter_says_where_each_sentence_ends_in_the_text_fed() -> None:
+    text = "## Plan\n**First** see [the docs](https://x.org/a). Then 3.14 it!\n\n--- \nDone now"
+    whole, streamed = SentenceSplitter(), SentenceSplitter()
+    sentences = [*whole.feed(text), *whole.flush()]
+    assert [*[x for c in text for x in streamed.feed(c)], *streamed.flush()] == sentences
+    assert whole.ends == streamed.ends  # the same however the text arrives
+    assert sentences == ["Plan", "First see the docs.", "Then 3.14 it!", "Done now"]
+    assert [text[:end].rsplit(None, 1)[-1] for end in whole.ends] == ["Plan", "docs](https://x.org/a).", "it!", "now"]
+    assert whole.ends[-1] == len(text) and len(whole.ends) == len(sentences)
+
+
 # -------------------------------------------------------------------------------------------- speakers
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import importlib.util
 import json
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ import pytest
 import soundfile as sf
 
 from agent import Agent, ModelSettings
+from agent.exceptions import UserError
 from agent.messages import AudioPart, ImagePart, Message
 from agent.testing import AgentInfo, FunctionModel, call
 from memory import Store
@@ -213,6 +215,93 @@ def test_speech_starts_before_the_answer_is_complete() -> None:
     assert spoken == pytest.approx(0.06 * len(answer), rel=0.05)  # every sentence, once
 
 
+ANSWER = "The station is north of here. Walk along the river for ten minutes. You cannot miss it."
+
+
+def heard_seconds(speaker: ToneSpeaker, sentences: list[str], share: float = 0.0) -> float:
+    """Playback time through `sentences`, then `share` of the next sentence of ANSWER."""
+    whole = sum(speaker.duration(t) for t in sentences)
+    rest = ANSWER.split(". ")[len(sentences)]
+    return whole + share * speaker.duration(rest + ".")
+
+
+def test_an_answer_talked_over_is_kept_as_far_as_it_was_heard(tmp_path: Path) -> None:
+    """The answer is generated in full long before it is played; the transport says how much was heard."""
+    store = Store(f"sqlite:///{tmp_path / 'voice.db'}")
+    speaker = ToneSpeaker()
+
+    def answer(messages: list[Message], info: AgentInfo) -> str:
+        return ANSWER if messages[-1].text == "where is the station?" else f"I heard {len(messages)} messages."
+
+    model = Streaming(answer)
+    first = ["The station is north of here."]
+
+    async def go() -> tuple[VoiceSession, list[str]]:
+        async with VoiceSession(Agent(model, memory=store), speaker=speaker) as session:
+            await session.say("where is the station?")
+            await session.wait()
+            kept = [await session.truncate(1, heard_seconds(speaker, first, 0.5))]  # "Walk along the" of 7 words
+            await session.say("thanks")
+            await session.wait()
+            kept.append(await session.truncate(2, 60.0))  # all of it was heard: nothing changes
+            with pytest.raises(UserError, match="turn 9 has no spoken answer"):
+                await session.truncate(9, 1.0)
+            with pytest.raises(UserError, match="must be a number >= 0"):
+                await session.truncate(1, -1.0)
+        return session, kept
+
+    session, kept = asyncio.run(go())
+    assert kept == ["The station is north of here. Walk along the", "I heard 3 messages."]
+    stored = store.load_conversation(session.conversation_id or "")
+    assert [m.text for m in stored if m.role == "assistant"] == kept
+    assert model.requests[-1][-2].text == kept[0]  # the next turn's request held only what was heard
+    assert [h.conversation_id for h in store.search("north")] and not store.search("minutes")
+    store.close()
+
+
+def test_truncating_without_a_store_cuts_the_history_and_skips_text_said_before_a_tool() -> None:
+    speaker = ToneSpeaker()
+
+    def answer(messages: list[Message], info: AgentInfo) -> Any:
+        if messages[-1].role == "user":
+            return [call("lookup", place="station")]  # with text said before it, below
+        return ANSWER
+
+    model = Streaming(answer)
+    original = model.request
+
+    async def with_preamble(messages: Any, tools: Any, settings: Any) -> Any:
+        response = await original(messages, tools, settings)
+        if response.message.tool_calls:  # the model thinks aloud first; that is spoken but is not the answer
+            from agent.messages import TextPart
+
+            parts = (TextPart(text="Let me look that up for you."), *response.message.parts)
+            response = dataclasses.replace(response, message=Message(role="assistant", parts=parts))
+        return response
+
+    model.request = with_preamble  # type: ignore[method-assign]
+
+    def lookup(place: str) -> str:
+        """Where a place is."""
+        return "north"
+
+    async def go() -> tuple[VoiceSession, str, str]:
+        async with VoiceSession(Agent(model, tools=[lookup]), speaker=speaker) as session:
+            await session.say("where is the station?")
+            await session.wait()
+            preamble = speaker.duration("Let me look that up for you.")
+            none = await session.truncate(1, preamble * 0.9)  # stopped before the answer began
+            await session.say("again?")
+            await session.wait()
+            some = await session.truncate(2, preamble + heard_seconds(speaker, [], 0.99))
+        return session, none, some
+
+    session, none, some = asyncio.run(go())
+    assert none == "" and some == "The station is north of here."[: len("The station is north of")]
+    answers = [m.text for m in session.history if m.role == "assistant" and not m.tool_calls]
+    assert answers == ["", "The station is north of"]
+
+
 def test_without_a_store_the_history_carries_each_turn_once() -> None:
     model = FunctionModel(lambda messages, info: f"answer {len(messages)}")
 
@@ -312,6 +401,8 @@ def test_the_realtime_endpoint_answers_spoken_audio_with_audio_and_a_transcript(
                     {"type": "session.update", "session": {"audio": {"input": {"turn_detection": {"threshold": "x"}}}}}
                 ),
                 json.dumps({"type": "conversation.item.create", "item": {"content": [{"type": "input_image"}]}}),
+                json.dumps({"type": "conversation.item.truncate", "item_id": "item_nope", "audio_end_ms": 10}),
+                json.dumps({"type": "conversation.item.truncate", "item_id": ["x"], "audio_end_ms": 10}),
             ]
             for message in hostile:
                 ws.send(message)
@@ -332,6 +423,10 @@ def test_the_realtime_endpoint_answers_spoken_audio_with_audio_and_a_transcript(
             heard = json.loads(ws.recv(timeout=30))  # transcribed after the answer, off its latency path
             assert heard["type"] == "conversation.item.input_audio_transcription.completed"
             assert heard["item_id"] == item and heard["transcript"] == "Sunny in Oslo. Your timer is set."
+            answer = done["output"][0]["id"]
+            for wrong in ({"content_index": 1, "audio_end_ms": 5}, {"audio_end_ms": -5}, {"audio_end_ms": 1.5}):
+                ws.send(json.dumps({"type": "conversation.item.truncate", "item_id": answer, **wrong}))
+                assert json.loads(ws.recv(timeout=10))["type"] == "error", wrong
     order = list(dict.fromkeys(kinds))
     assert order[:4] == [
         "input_audio_buffer.speech_started",
@@ -389,32 +484,46 @@ def test_a_realtime_session_on_the_tiny_phi4_hears_the_clip_and_answers_aloud(ti
     assert transcript.strip() and len(pcm) / 2 / 24_000 == pytest.approx(0.06 * len(transcript.strip()), rel=0.2)
 
 
-def test_the_official_openai_client_talks_to_the_realtime_endpoint() -> None:
+def test_the_official_openai_client_talks_to_the_realtime_endpoint(tmp_path: Path) -> None:
     from openai import AsyncOpenAI
     from serve_support import running
 
     from agent.server import create_app
 
-    app = create_app(Agent(FunctionModel(lambda m, i: "Sunny in Oslo.")), speaker=ToneSpeaker(), api_keys=["k1"])
+    store = Store(f"sqlite:///{tmp_path / 'voice.db'}")
+    agent = Agent(FunctionModel(lambda m, i: "Sunny in Oslo today."), memory=store)
+    app = create_app(agent, speaker=ToneSpeaker(), api_keys=["k1"])
     audio = pcm24(np.concatenate([silence(0.3), speech(), silence(1.0)]))
 
-    async def talk(base: str) -> tuple[list[str], Any]:
+    async def talk(base: str) -> tuple[list[str], Any, Any]:
         client = AsyncOpenAI(api_key="k1", base_url=base, websocket_base_url=base.replace("http", "ws"))
         kinds: list[str] = []
         async with client.realtime.connect(model="mmagent") as connection:
             await connection.session.update(session={"type": "realtime", "output_modalities": ["audio"]})
             for start in range(0, len(audio), 9600):
                 await connection.input_audio_buffer.append(audio=base64.b64encode(audio[start : start + 9600]).decode())
+            response = None
             async for event in connection:  # parsed into the SDK's own typed events
                 kinds.append(event.type)
+                if event.type == "response.output_audio.delta":
+                    assert event.item_id
                 if event.type == "response.done":
-                    return kinds, event.response
+                    response = event.response
+                    # the user talked over it half way through "Sunny in Oslo today." (1.2 s of tone)
+                    item = response.output[0].id
+                    await connection.conversation.item.truncate(item_id=item, content_index=0, audio_end_ms=600)
+                if event.type == "conversation.item.truncated":
+                    return kinds, response, event
         raise AssertionError("the connection closed before the response was done")
 
     with running(app) as server:
-        kinds, response = asyncio.run(talk(server.base_url))
+        kinds, response, truncated = asyncio.run(talk(server.base_url))
     assert kinds[:2] == ["session.created", "session.updated"] and "response.output_audio.delta" in kinds
-    assert response.status == "completed" and response.output[0].content[0].transcript == "Sunny in Oslo."
+    assert response.status == "completed" and response.output[0].content[0].transcript == "Sunny in Oslo today."
+    assert truncated.item_id == response.output[0].id and truncated.audio_end_ms == 600
+    (conversation,) = store.list_conversations()
+    assert [m.text for m in store.load_conversation(conversation.id) if m.role == "assistant"] == ["Sunny in"]
+    store.close()
 
 
 # ---------------------------------------------------------------- the microphone transport, on a fake PortAudio
@@ -440,7 +549,7 @@ class FakeStream:
 
 
 def test_the_microphone_transport_plays_answers_and_stops_them_when_talked_over(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     import sys
     import types
@@ -455,8 +564,10 @@ def test_the_microphone_transport_plays_answers_and_stops_them_when_talked_over(
     answer = "One two three four five six seven eight nine ten. " * 4
     printed: list[str] = []
 
+    store = Store(f"sqlite:///{tmp_path / 'voice.db'}")
+
     async def go() -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-        agent = Agent(Streaming(lambda messages, info: answer))
+        agent = Agent(Streaming(lambda messages, info: answer), memory=store)
         task = asyncio.ensure_future(run_microphone(agent, ToneSpeaker(), echo=printed.append))
         for _ in range(500):
             if len(FakeStream.opened) == 2:
@@ -496,3 +607,7 @@ def test_the_microphone_transport_plays_answers_and_stops_them_when_talked_over(
     assert np.abs(heard).max() > 0.1  # the answer was playing
     assert np.abs(after).max() == 0.0  # and stopped when the user spoke: the queued frames were dropped
     assert printed[:3] == ["listening (Ctrl-C to stop)", "you: (4.1 s of speech)", "assistant: "]
+    # 0.5 s of the first 3 s sentence was played: a sixth of its ten words, so the conversation keeps one
+    (conversation,) = store.list_conversations()
+    assert [m.text for m in store.load_conversation(conversation.id) if m.role == "assistant"] == ["One"]
+    store.close()

@@ -8,7 +8,7 @@ the OpenAI Realtime protocol, `agent.voice._realtime`).
 
 | part | does |
 |---|---|
-| `VoiceSession` | the loop: `feed(samples, rate)`, `commit()`, `say(text)`, `interrupt()`, `events()` |
+| `VoiceSession` | the loop: `feed(samples, rate)`, `commit()`, `say(text)`, `interrupt()`, `truncate()`, `events()` |
 | `TurnDetector` | cuts a live audio stream (any rate or chunking) into `Turn`s, `SpeechStarted`, `SpeechStopped` |
 | `SileroVAD` | the default voice-activity model (silero-vad's packaged TorchScript model, CPU, no download) |
 | `SentenceSplitter` | cuts streamed model text into speakable sentences as they complete |

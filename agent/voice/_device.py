@@ -2,13 +2,15 @@
 
 Capture runs in PortAudio's thread and hands 32 ms blocks to the event loop; playback pulls 20 ms frames from a
 queue in PortAudio's output callback. When the user starts speaking over the answer (barge-in), the queue is
-emptied at once, so playback stops within one frame while generation is cancelled.
+emptied at once, so playback stops within one frame while generation is cancelled, and the session is told how
+much of the answer was played (`VoiceSession.truncate`), so the conversation keeps only what was heard.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -62,22 +64,32 @@ def open_sounddevice(need_output: bool) -> Any:
 
 
 class _Playback:
-    """Frames waiting to be played; the output callback takes them, `clear()` drops them (barge-in)."""
+    """Frames waiting to be played; the output callback takes them, `clear()` drops them (barge-in).
+
+    It counts the samples played of the answer it holds (`turn`), so a barge-in can say how much was heard.
+    """
 
     def __init__(self, frame: int) -> None:
         self.frame = frame
         self._queue: collections.deque[np.ndarray[Any, Any]] = collections.deque()
         self._lock = threading.Lock()
         self._rest = np.zeros(0, np.float32)
+        self.turn = 0
+        self.played = 0
 
-    def put(self, samples: np.ndarray[Any, Any]) -> None:
+    def put(self, turn: int, samples: np.ndarray[Any, Any]) -> None:
         with self._lock:
+            if turn != self.turn:
+                self.turn, self.played = turn, 0
             self._queue.append(samples.astype(np.float32))
 
-    def clear(self) -> None:
+    def clear(self) -> tuple[int, int] | None:
+        """Drop what is left; returns (turn, samples played of it) when an answer was cut short, else None."""
         with self._lock:
+            cut = bool(self._queue) or len(self._rest) > 0
             self._queue.clear()
             self._rest = np.zeros(0, np.float32)
+            return (self.turn, self.played) if cut else None
 
     def take(self, count: int) -> np.ndarray[Any, Any]:
         with self._lock:
@@ -86,6 +98,7 @@ class _Playback:
                 out = np.concatenate([out, self._queue.popleft()])
             self._rest = out[count:]
             out = out[:count]
+            self.played += len(out)
         return np.pad(out, (0, count - len(out)))
 
 
@@ -116,10 +129,17 @@ async def run_microphone(
             stream.start()
         echo("listening (Ctrl-C to stop)")
 
+        async def stop_playback() -> None:
+            assert playback is not None and speaker is not None
+            cut = playback.clear()
+            if cut is not None:  # the user talked over the answer: keep what they heard of it
+                with contextlib.suppress(UserError):
+                    await session.truncate(cut[0], cut[1] / speaker.rate)
+
         async def show() -> None:
             async for event in session.events():
                 if isinstance(event, SpeechStarted) and playback is not None:
-                    playback.clear()
+                    await stop_playback()
                 elif isinstance(event, TurnHeard):
                     echo(f"you: ({event.seconds:.1f} s of speech)")
                 elif isinstance(event, ResponseStarted):
@@ -129,10 +149,10 @@ async def run_microphone(
                 elif isinstance(event, ResponseTool) and event.result is None:
                     echo(f"[{event.name}]")
                 elif isinstance(event, ResponseAudio) and playback is not None:
-                    playback.put(event.samples)
+                    playback.put(event.turn, event.samples)
                 elif isinstance(event, ResponseDone):
                     if event.interrupted and playback is not None:
-                        playback.clear()
+                        await stop_playback()
                     echo(" (interrupted)\n" if event.interrupted else f" ({event.error})\n" if event.error else "\n")
 
         shown = asyncio.ensure_future(show())

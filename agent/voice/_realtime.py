@@ -18,11 +18,16 @@ Client events:
 - `conversation.item.create` with an `input_text` content part: a typed turn, answered like a spoken one.
 - `response.create`: accepted (responses start by themselves when a turn ends).
 - `response.cancel`: cancels the response in progress.
+- `conversation.item.truncate` (`item_id` of an answer, `content_index` 0, `audio_end_ms`): the client stopped
+  playing that answer there (the user talked over it); the stored answer is cut to the words spoken by then
+  (`VoiceSession.truncate`), answered with `conversation.item.truncated`. A time past the answer's end keeps
+  it whole.
 
 Server events of a response: `response.created`, `response.output_audio.delta` (base64 PCM16 at 24 kHz, 20 ms
 frames), `response.output_audio_transcript.delta` (the text being spoken; `response.output_text.delta` when
 the output is text only), and `response.done` with `status` `completed`, `cancelled` or `failed` and the full
-transcript. The connection opens with `session.created`. With API keys set, the client authenticates with
+transcript. Each response's answer is one assistant item: its id is in every delta (`item_id`) and in
+`response.done`'s output. The connection opens with `session.created`. With API keys set, the client authenticates with
 `Authorization: Bearer KEY`, or the `openai-insecure-api-key.KEY` subprotocol as browsers must.
 """
 
@@ -105,6 +110,8 @@ class RealtimeConnection:
         self.response_id: str | None = None
         self.item_id = _id("item")
         self.items: dict[int, str] = {}  # turn -> the item id its audio was committed as
+        self.answer_id: str | None = None  # the item of the response in progress
+        self.answers: dict[str, int] = {}  # answer item id -> its turn (the last few)
         self._pcm: _Pcm24 | None = None
         self._send_lock = asyncio.Lock()
 
@@ -255,6 +262,17 @@ class RealtimeConnection:
     async def _cancel(self, event: dict[str, Any]) -> None:
         await self.session.interrupt()
 
+    async def _truncate(self, event: dict[str, Any]) -> None:
+        item_id, index, end = event.get("item_id"), event.get("content_index", 0), event.get("audio_end_ms")
+        if not isinstance(item_id, str) or item_id not in self.answers:
+            raise UserError(f'"item_id" must name an answer of this session, got {str(item_id)[:80]!r}')
+        if index != 0:
+            raise UserError('an answer has one content part: "content_index" must be 0')
+        if isinstance(end, bool) or not isinstance(end, int) or end < 0:
+            raise UserError('"audio_end_ms" must be a whole number >= 0')
+        await self.session.truncate(self.answers[item_id], end / 1000)
+        await self.send("conversation.item.truncated", item_id=item_id, content_index=0, audio_end_ms=end)
+
     # ------------------------------------------------------------------ session events -> protocol
 
     async def _pump(self) -> None:
@@ -281,7 +299,10 @@ class RealtimeConnection:
             await self.send("conversation.item.input_audio_transcription.completed",
                             item_id=self.items.get(event.turn), content_index=0, transcript=event.text)  # fmt: skip
         elif isinstance(event, ResponseStarted):
-            self.response_id = _id("resp")
+            self.response_id, self.answer_id = _id("resp"), _id("item")
+            self.answers[self.answer_id] = event.turn
+            for old in list(self.answers)[:-16]:  # as many as the session remembers
+                del self.answers[old]
             self._pcm = _Pcm24(self.speaker.rate) if self.speaker is not None else None
             await self.send("response.created", response={"id": self.response_id, "object": "realtime.response",
                                                           "status": "in_progress", "output": []})  # fmt: skip
@@ -291,13 +312,13 @@ class RealtimeConnection:
                 if self.modalities == ["audio"]
                 else "response.output_text.delta"
             )
-            await self.send(kind, response_id=self.response_id, delta=event.delta)
+            await self.send(kind, **self._where(), delta=event.delta)
         elif isinstance(event, ResponseAudio):
             if self.modalities == ["audio"] and self._pcm is not None:
                 pcm = self._pcm.convert(event.samples)
                 if pcm:
                     delta = base64.b64encode(pcm).decode()
-                    await self.send("response.output_audio.delta", response_id=self.response_id, delta=delta)
+                    await self.send("response.output_audio.delta", **self._where(), delta=delta)
         elif isinstance(event, ResponseDone):
             status = "cancelled" if event.interrupted else "failed" if event.error else "completed"
             part = {"type": "output_audio" if self.modalities == ["audio"] else "output_text"}
@@ -306,11 +327,15 @@ class RealtimeConnection:
                 "id": self.response_id,
                 "object": "realtime.response",
                 "status": status,
-                "output": [{"type": "message", "role": "assistant", "content": [part]}],
+                "output": [{"id": self.answer_id, "type": "message", "role": "assistant", "content": [part]}],
             }
             if event.error:
                 body["status_details"] = {"type": "failed", "error": {"message": event.error}}
             await self.send("response.done", response=body)
+
+    def _where(self) -> dict[str, Any]:
+        """Where a delta belongs: the response, and its answer item's one content part."""
+        return {"response_id": self.response_id, "item_id": self.answer_id, "output_index": 0, "content_index": 0}
 
 
 _HANDLERS: dict[str, Callable[[RealtimeConnection, dict[str, Any]], Awaitable[None]]] = {
@@ -321,6 +346,7 @@ _HANDLERS: dict[str, Callable[[RealtimeConnection, dict[str, Any]], Awaitable[No
     "conversation.item.create": RealtimeConnection._item,
     "response.create": RealtimeConnection._create,
     "response.cancel": RealtimeConnection._cancel,
+    "conversation.item.truncate": RealtimeConnection._truncate,
 }
 
 

@@ -54,6 +54,10 @@ class SentenceSplitter:
     def __init__(self) -> None:
         self._text = ""  # text not yet emitted
         self._scan = 0  # characters of _text already examined
+        self._base = 0  # where _text starts in all the text fed
+        #: For each sentence returned so far, where its source ends in all the text fed (its offset just past
+        #: the sentence's last character, markup included): what was said up to a sentence is `fed[:ends[i]]`.
+        self.ends: list[int] = []
 
     def feed(self, delta: str) -> list[str]:
         """Add the next piece of text; returns the sentences it completes, cleaned of markup."""
@@ -64,6 +68,9 @@ class SentenceSplitter:
         """End of text: returns what is left, as sentences. The splitter is then empty and can be reused."""
         sentences = self._split(final=True)
         rest = _clean(self._text)
+        self._base += len(self._text)
+        if rest:
+            self.ends.append(self._base)
         self._text, self._scan = "", 0
         return [*sentences, rest] if rest else sentences
 
@@ -80,10 +87,12 @@ class SentenceSplitter:
                 sentence = _clean(text[cut_from:cut])
                 if sentence:
                     out.append(sentence)
+                    self.ends.append(self._base + cut)
                 cut_from = cut
                 i = cut
             else:
                 i += 1
+        self._base += cut_from
         self._text = text[cut_from:]
         self._scan = max(i - cut_from, 0)
         return out

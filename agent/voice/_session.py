@@ -12,12 +12,18 @@ text produced so far. With a memory store that partial answer is stored in the c
 `interrupted` (never resumed, so no committed tool call runs twice); without one it stays in the session's
 history. Playback belongs to the transport: a transport drops the frames it still holds when it sees
 `ResponseDone(interrupted=True)` (or `SpeechStarted`), so speech stops within one frame.
+
+Only the transport knows how much of an answer was heard: the answer may be generated in full long before it is
+played. A transport that stops playback early says so with `truncate(turn, heard_seconds)`, and the stored answer
+is cut to the words spoken by then, so the agent does not go on as if the user had heard the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -106,6 +112,42 @@ class ResponseDone:
     run_id: str | None = None
 
 
+@dataclass(slots=True)
+class _Spoken:
+    """What was said aloud of one turn's answer, to map heard audio back to text (`VoiceSession.truncate`).
+
+    `marks` holds, for each sentence spoken, where its source ends in `text` (the answer as streamed) and where
+    its audio ends, in samples at `rate` counted from `begin` (audio before `begin` said text the model wrote before
+    a tool call, which is not the answer). `stored` and `where` say where the answer was kept: its text, and its
+    position in the stored conversation (or index in the session's history).
+    """
+
+    text: str = ""
+    marks: list[tuple[int, int]] = field(default_factory=list)
+    rate: int = 0
+    samples: int = 0
+    begin: int = 0
+    stored: str = ""
+    where: int | None = None
+
+    def heard(self, samples: int) -> int:
+        """How much of `text` had been spoken after `samples` samples of the answer's audio: whole sentences,
+        then the share of the cut sentence's words that its played share of audio stands for."""
+        text_from, audio_from = 0, 0
+        for text_end, audio_end in self.marks:
+            if samples < audio_end:
+                words = [w.end() for w in _WORD.finditer(self.text, text_from, text_end)]
+                share = (samples - audio_from) / max(1, audio_end - audio_from)
+                count = math.floor(share * len(words))
+                return words[count - 1] if count else text_from
+            text_from, audio_from = text_end, audio_end
+        return text_from
+
+
+_WORD = re.compile(r"\S+")
+_SPOKEN_TURNS = 16  # answers remembered for `truncate`
+
+
 VoiceEvent = (
     SpeechStarted
     | SpeechStopped
@@ -169,6 +211,7 @@ class VoiceSession:
         self._response: asyncio.Task[None] | None = None
         self._turns = 0
         self._closed = False
+        self._spoken: dict[int, _Spoken] = {}  # turn -> its answer as spoken (the last few)
 
     async def __aenter__(self) -> VoiceSession:
         memory: Any = self.agent.memory  # a memory.Store (conversations, runs)
@@ -207,6 +250,41 @@ class VoiceSession:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    async def truncate(self, turn: int, heard_seconds: float) -> str:
+        """The user heard only the first `heard_seconds` of turn `turn`'s spoken answer (the transport stopped
+        playing it: the user talked over it). The answer, stored or in the history, is cut to what was said by
+        then: whole sentences, and of the sentence cut off, the share of its words that was played. A response
+        still running for that turn is cancelled first. Returns the text kept.
+
+        Raises:
+            UserError: `turn` had no spoken answer (or is one of the older turns no longer remembered), or
+                `heard_seconds` is not a number >= 0.
+        """
+        self._check_open()
+        if isinstance(heard_seconds, bool) or not isinstance(heard_seconds, int | float) or not heard_seconds >= 0:
+            raise UserError(f"heard_seconds must be a number >= 0, got {heard_seconds!r}")
+        spoken = self._spoken.get(turn)
+        if spoken is None:
+            raise UserError(f"turn {turn} has no spoken answer to truncate")
+        if turn == self._turns:
+            await self.interrupt()
+        if spoken.where is None:  # nothing was kept (the answer was empty, or failed)
+            return ""
+        heard = spoken.heard(max(0, min(round(heard_seconds * spoken.rate), spoken.samples) - spoken.begin))
+        said = spoken.text[:heard]
+        lead = len(said) - len(said.lstrip())
+        keep = next((k.rstrip() for k in (said, said[lead:]) if spoken.stored.startswith(k)), spoken.stored)
+        if keep == spoken.stored:
+            return keep
+        memory: Any = self.agent.memory
+        if memory is not None:
+            cid = self.conversation_id
+            await asyncio.to_thread(memory.truncate_message, cid, spoken.where, keep)
+        else:
+            self.history[spoken.where] = Message.assistant(keep)
+        spoken.stored = keep
+        return keep
 
     async def close(self) -> None:
         """Cancel the response in progress and end `events()`."""
@@ -266,8 +344,14 @@ class VoiceSession:
     async def _respond(self, turn: int, message: Message) -> None:
         self._events.put_nowait(ResponseStarted(turn=turn))
         text: list[str] = []
-        sentences: asyncio.Queue[str | None] = asyncio.Queue()
-        speaking = asyncio.ensure_future(self._speak(turn, sentences)) if self.speaker is not None else None
+        sentences: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue()
+        spoken: _Spoken | None = None
+        speaking = None
+        if self.speaker is not None:
+            spoken = self._spoken[turn] = _Spoken(rate=self.speaker.rate)
+            for old in [t for t in self._spoken if t <= turn - _SPOKEN_TURNS]:
+                del self._spoken[old]
+            speaking = asyncio.ensure_future(self._speak(turn, sentences, spoken))
         splitter = SentenceSplitter()
         memory = self.agent.memory
         try:
@@ -282,11 +366,12 @@ class VoiceSession:
                     text.append(event.text)
                     self._events.put_nowait(ResponseText(turn=turn, delta=event.text))
                     for sentence in splitter.feed(event.text):
-                        sentences.put_nowait(sentence)
+                        sentences.put_nowait((sentence, splitter.ends[-1]))
                 elif isinstance(event, ToolCallEvent):
-                    # text before a call was the model thinking aloud: not spoken, not the answer
+                    # text before a call was the model thinking aloud: not the answer
                     text.clear()
                     splitter = SentenceSplitter()
+                    sentences.put_nowait(("", -1))  # the answer's text starts again
                     self._events.put_nowait(ResponseTool(turn=turn, name=event.call.name, call_id=event.call.id))
                 elif isinstance(event, ToolResultEvent):
                     shown = " ".join(p.text for p in event.result.content if isinstance(p, TextPart))[:200]
@@ -296,13 +381,16 @@ class VoiceSession:
                 elif isinstance(event, FinalEvent):
                     result = event.result
             for sentence in splitter.flush():
-                sentences.put_nowait(sentence)
+                sentences.put_nowait((sentence, splitter.ends[-1]))
             sentences.put_nowait(None)
             if speaking is not None:
                 await speaking
             assert result is not None
             if memory is None:  # the next run adds the agent's system prompt itself
                 self.history = [m for m in result.messages if m.role != "system"]
+            if spoken is not None:
+                spoken.text = "".join(text)
+                await self._kept(spoken, result.messages[-1] if result.messages else None)
             self._events.put_nowait(ResponseDone(turn=turn, text=str(result.output), run_id=result.run_id))
             self._transcribe_later(turn, message, result.run_id)
         except asyncio.CancelledError:
@@ -312,6 +400,9 @@ class VoiceSession:
                     await speaking
             partial = "".join(text)
             run_id = await self._store_interrupted(message, partial)
+            if spoken is not None and partial.strip():
+                spoken.text = partial
+                await asyncio.shield(self._kept(spoken, Message.assistant(partial)))
             self._events.put_nowait(ResponseDone(turn=turn, text=partial, interrupted=True, run_id=run_id))
             self._transcribe_later(turn, message, run_id)
             raise
@@ -347,12 +438,30 @@ class VoiceSession:
 
         await asyncio.to_thread(store)
 
-    async def _speak(self, turn: int, sentences: asyncio.Queue[str | None]) -> None:
+    async def _kept(self, spoken: _Spoken, answer: Message | None) -> None:
+        """Note where the turn's answer was kept (the last message of the conversation or history)."""
+        if answer is None or answer.role != "assistant":
+            return
+        spoken.stored = answer.text
+        memory: Any = self.agent.memory
+        if memory is None:
+            spoken.where = len(self.history) - 1
+        else:
+            info = await asyncio.to_thread(memory.conversation, self.conversation_id)
+            spoken.where = info.message_count - 1
+
+    async def _speak(self, turn: int, sentences: asyncio.Queue[tuple[str, int] | None], spoken: _Spoken) -> None:
         speaker = self.speaker
         assert speaker is not None
-        while (sentence := await sentences.get()) is not None:
+        while (item := await sentences.get()) is not None:
+            sentence, end = item
+            if end < 0:  # the text so far was not the answer: its audio comes before the answer's
+                spoken.begin, spoken.marks = spoken.samples, []
+                continue
             async for frame in frames(speaker.speak(sentence), speaker.rate, self.frame_seconds):
+                spoken.samples += len(frame)
                 self._events.put_nowait(ResponseAudio(turn=turn, samples=frame, rate=speaker.rate))
+            spoken.marks.append((end, spoken.samples - spoken.begin))
 
     async def _store_interrupted(self, message: Message, partial: str) -> str | None:
         """Keep the partial answer: in the stored conversation (its run marked interrupted), or the history."""
