@@ -589,6 +589,9 @@ def eval_bfcl(
         bool, typer.Option("--resume", help="go on from the journal an interrupted run left beside the report")
     ] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="discard such a journal and start over")] = False,
+    concurrency: Annotated[
+        int, typer.Option(min=1, help="requests in flight (a server that batches answers them together)")
+    ] = 1,
 ) -> None:
     """Berkeley Function Calling Leaderboard v4 (single-turn categories), AST-checked, through the model seam.
 
@@ -619,7 +622,7 @@ def eval_bfcl(
                                 "runs": []}  # fmt: skip
     runs = []
     for flag in [True, False] if both else [constrained]:
-        runs.append(_bfcl_mode(backend, cases, flag, settings, report))
+        runs.append(_bfcl_mode(backend, cases, flag, settings, report, concurrency))
         document["runs"].append(runs[-1].to_json())
         _write_report(report, document)  # after each mode: a later failure keeps what ran
     for run in runs:  # all of it is in the report now
@@ -628,7 +631,9 @@ def eval_bfcl(
     err.print(f"wrote {report}")
 
 
-def _bfcl_mode(backend: Any, cases: list[Any], constrained: bool | None, settings: Any, report: Path) -> Any:
+def _bfcl_mode(
+    backend: Any, cases: list[Any], constrained: bool | None, settings: Any, report: Path, concurrency: int
+) -> Any:
     """One pass over the cases with the grammar on, off, or as the backend is; a line per category done."""
     from collections import Counter
 
@@ -648,7 +653,8 @@ def _bfcl_mode(backend: Any, cases: list[Any], constrained: bool | None, setting
         with with_constraint(backend, constrained) as mode:
             err.print(f"[bold]{mode}[/bold]")
             journal = Path(f"{report}.{mode}.jsonl")
-            return await run_bfcl(backend, cases, mode=mode, settings=settings, progress=tick, journal=journal)
+            return await run_bfcl(backend, cases, mode=mode, settings=settings, progress=tick, journal=journal,
+                                  concurrency=concurrency)  # fmt: skip
 
     try:
         return _guard(lambda: asyncio.run(go()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import importlib.util
@@ -34,7 +35,7 @@ from agent.evals import (
     to_tool_definition,
     with_constraint,
 )
-from agent.exceptions import ModelError, UserError
+from agent.exceptions import ModelError, ModelHTTPError, UserError
 from agent.messages import AudioPart, Message, ToolCallPart
 from agent.models import ModelSettings
 from agent.testing import AgentInfo, FunctionModel, call
@@ -478,6 +479,40 @@ print(run.overall)
     assert asked.read_text().split("\n") == ["add 1", "add 2", "hi", "hi", ""]
 
 
+async def test_concurrent_requests_keep_case_order_and_the_journal(bfcl_dir: Path, tmp_path: Path) -> None:
+    cases = load_bfcl(["simple", "irrelevance"], data_dir=bfcl_dir)
+    flight = {"now": 0, "most": 0}
+
+    class Slow(FunctionModel):
+        async def request(self, messages: Any, tools: Any, settings: Any) -> Any:
+            flight["now"] += 1
+            flight["most"] = max(flight["most"], flight["now"])
+            await asyncio.sleep(0.05 if messages[-1].text == "add 1" else 0.01)  # the first case ends last
+            flight["now"] -= 1
+            return await super().request(messages, tools, settings)
+
+    seen: list[str] = []
+    journal = tmp_path / "run.jsonl"
+    run = await run_bfcl(Slow(scripted), cases, concurrency=3, journal=journal, progress=lambda r: seen.append(r.id))
+    assert flight["most"] == 3 and seen[-1] == "simple_python_1"  # all in flight; reported as they finished
+    assert [r.id for r in run.results] == ["simple_python_1", "simple_python_2", "irrelevance_0"]
+    assert run.overall == pytest.approx(1 / 3)
+    assert sorted(json.loads(line)["result"]["id"] for line in journal.read_text().splitlines()[1:]) == sorted(seen)
+    with pytest.raises(UserError, match="concurrency must be at least 1"):
+        await run_bfcl(Slow(scripted), cases, concurrency=0)
+
+    class Broken(FunctionModel):
+        async def request(self, messages: Any, tools: Any, settings: Any) -> Any:
+            if messages[-1].text == "hi":
+                raise ModelHTTPError("the server went away", status_code=503)
+            await asyncio.sleep(0.01)
+            return await super().request(messages, tools, settings)
+
+    broken = tmp_path / "broken.jsonl"
+    with pytest.raises(ModelHTTPError, match="went away"):  # the error itself, not a group of them
+        await run_bfcl(Broken(scripted), cases, concurrency=3, journal=broken)
+
+
 def test_the_grammar_switch_needs_an_in_process_model() -> None:
     model = FunctionModel(scripted)
     with with_constraint(model, None) as mode:
@@ -547,7 +582,7 @@ def test_eval_bfcl_command_writes_a_report(chat_server: tuple[str, list[dict[str
     report = bfcl_dir.parent / "out" / "report.json"
     report.parent.mkdir()
     out = mmagent("eval", "bfcl", "--model", url, "--data", str(bfcl_dir), "-c", "simple,irrelevance",
-                  "--report", str(report))  # fmt: skip
+                  "--report", str(report), "--concurrency", "3")  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "overall" in out.stdout and "0.500" in out.stdout and "simple: 1/2" in out.stderr
     data = json.loads(report.read_text())

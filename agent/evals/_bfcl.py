@@ -7,6 +7,7 @@ package can be installed with `--no-deps` (its own dependencies are the API clie
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import hashlib
@@ -508,6 +509,7 @@ async def run_bfcl(
     settings: ModelSettings | None = None,
     progress: Callable[[BfclResult], None] | None = None,
     journal: str | Path | None = None,
+    concurrency: int = 1,
 ) -> BfclRun:
     """Ask `model` each case once (`Model.request`, `tool_choice="auto"`) and judge its calls.
 
@@ -526,10 +528,16 @@ async def run_bfcl(
         settings: generation settings; by default `ModelSettings(tool_choice="auto", max_tokens=512)`.
         progress: called with each result as it comes (results taken from the journal first, in case order).
         journal: a file to resume from and write to (created if missing).
+        concurrency: requests in flight at once. A server that batches (vLLM, `mmagent serve` in model mode on
+            a GPU) answers them together; an in-process model answers one at a time whatever this is. Results
+            are still reported in case order; `progress` and the journal see them as they finish.
 
     Raises:
-        UserError: the journal was written by another model, mode or settings, or cannot be read or written.
+        UserError: the journal was written by another model, mode or settings, or cannot be read or written;
+            `concurrency` is below 1.
     """
+    if concurrency < 1:
+        raise UserError(f"concurrency must be at least 1, got {concurrency}")
     settings = settings or ModelSettings(tool_choice="auto", max_tokens=512)
     run = BfclRun(mode=mode, model=model.name)
     book = _Journal(Path(journal), model.name, mode, settings) if journal is not None else None
@@ -540,15 +548,23 @@ async def run_bfcl(
             progress(result)
     started = time.perf_counter()
     results: dict[str, BfclResult] = {r.id: r for r in resumed}
-    try:
-        for case in cases:
-            if case.id in results:
-                continue
+    slots = asyncio.Semaphore(concurrency)
+
+    async def ask(case: BfclCase) -> None:
+        async with slots:
             results[case.id] = result = await _one(model, case, settings)
-            if book is not None:
-                book.append(case, result)
-            if progress is not None:
-                progress(result)
+        if book is not None:
+            book.append(case, result)
+        if progress is not None:
+            progress(result)
+
+    try:
+        async with asyncio.TaskGroup() as group:  # a run-ending error cancels the rest; the journal keeps what ended
+            for case in cases:
+                if case.id not in results:
+                    group.create_task(ask(case))
+    except BaseExceptionGroup as group_error:
+        raise group_error.exceptions[0] from None
     finally:
         if book is not None:
             book.close()
