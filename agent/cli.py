@@ -634,27 +634,43 @@ def eval_bfcl(
 def _bfcl_mode(
     backend: Any, cases: list[Any], constrained: bool | None, settings: Any, report: Path, concurrency: int
 ) -> Any:
-    """One pass over the cases with the grammar on, off, or as the backend is; a line per category done."""
+    """One pass over the cases with the grammar on, off, or as the backend is: a progress bar (cases judged, right
+    so far, time left) and a line per category done."""
     from collections import Counter
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from agent.evals import BfclResult, run_bfcl, with_constraint
 
     totals = Counter(case.category for case in cases)
     seen: dict[str, list[int]] = {}  # category -> [right, judged]
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[right]} right"), TimeElapsedColumn(), TextColumn("eta"),
+                   TimeRemainingColumn(), console=err, transient=True)  # fmt: skip
+    task = bar.add_task("cases", total=len(cases), right=0)
 
     def tick(result: BfclResult) -> None:
         count = seen.setdefault(result.category, [0, 0])
         count[0] += result.ok
         count[1] += 1
+        bar.update(task, advance=1, right=sum(right for right, _ in seen.values()))
         if count[1] == totals[result.category]:
-            err.print(f"  {result.category}: {count[0]}/{count[1]}")
+            bar.console.print(f"  {result.category}: {count[0]}/{count[1]}")
 
     async def go() -> Any:
         with with_constraint(backend, constrained) as mode:
             err.print(f"[bold]{mode}[/bold]")
             journal = Path(f"{report}.{mode}.jsonl")
-            return await run_bfcl(backend, cases, mode=mode, settings=settings, progress=tick, journal=journal,
-                                  concurrency=concurrency)  # fmt: skip
+            with bar:
+                return await run_bfcl(backend, cases, mode=mode, settings=settings, progress=tick, journal=journal,
+                                      concurrency=concurrency)  # fmt: skip
 
     try:
         return _guard(lambda: asyncio.run(go()))
