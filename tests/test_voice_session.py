@@ -244,10 +244,12 @@ def test_an_answer_talked_over_is_kept_as_far_as_it_was_heard(tmp_path: Path) ->
             await session.say("thanks")
             await session.wait()
             kept.append(await session.truncate(2, 60.0))  # all of it was heard: nothing changes
+            assert await session.truncate(2, float("inf")) == kept[-1]
             with pytest.raises(UserError, match="turn 9 has no spoken answer"):
                 await session.truncate(9, 1.0)
-            with pytest.raises(UserError, match="must be a number >= 0"):
-                await session.truncate(1, -1.0)
+            for wrong in (-1.0, float("nan"), "2", True):
+                with pytest.raises(UserError, match="must be a number >= 0"):
+                    await session.truncate(1, wrong)  # type: ignore[arg-type]
         return session, kept
 
     session, kept = asyncio.run(go())

@@ -271,7 +271,8 @@ class VoiceSession:
             await self.interrupt()
         if spoken.where is None:  # nothing was kept (the answer was empty, or failed)
             return ""
-        heard = spoken.heard(max(0, min(round(heard_seconds * spoken.rate), spoken.samples) - spoken.begin))
+        played = round(min(heard_seconds * spoken.rate, spoken.samples))  # inf: all of it
+        heard = spoken.heard(max(0, played - spoken.begin))
         said = spoken.text[:heard]
         lead = len(said) - len(said.lstrip())
         keep = next((k.rstrip() for k in (said, said[lead:]) if spoken.stored.startswith(k)), spoken.stored)
