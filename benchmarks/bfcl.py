@@ -14,13 +14,14 @@ as a `<tool_call>` block in SmolLM2's tokens (192; median 112), so the budget do
 
     python benchmarks/bfcl.py [--n 8] [--categories simple,multiple,parallel,irrelevance] [--max-tokens 256]
                               [--tool-choice auto] [--threads 1] [--report bfcl_bench.json]
-                              [--modes constrained,unconstrained] [--journal DIR]
+                              [--modes constrained,unconstrained] [--journal DIR [--summary]]
 
 Long runs: `--journal DIR` keeps each mode's results in `DIR/bfcl_<mode>.jsonl` as they are judged (see
 `run_bfcl`), so a run stopped at any point goes on from there, and the two modes can run as two processes at
 once (`--modes constrained` in one, `--modes unconstrained` in the other, one torch thread each); a last
 call with both modes and the same journal prints the table from the journals. The cases go round the
-categories in turn, so a run cut short still covers each category alike.
+categories in turn, so a run cut short still covers each category alike. `--summary` asks nothing: it prints the
+table of the cases judged so far in every mode (the same cases for each, so the modes compare side by side).
 
 Last line: `bfcl_constrained=<float> bfcl_unconstrained=<float>` (overall AST accuracy over all cases run).
 """
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from agent.evals import BfclResult, BfclRun, bfcl_version, load_bfcl, run_bfcl, with_constraint
+from agent.evals import BfclCase, BfclResult, BfclRun, bfcl_version, load_bfcl, run_bfcl, with_constraint
 from agent.models import ModelSettings
 from agent.models.transformers import TransformersModel
 
@@ -68,6 +69,24 @@ def table(categories: list[str], runs: list[BfclRun]) -> None:
               f"failures {dict(sorted(failures.items()))}")  # fmt: skip
 
 
+def summary(folder: Path, categories: list[str], modes: list[str], cases: list[BfclCase]) -> None:
+    """The table over the cases every mode's journal has judged (a run still going, or one cut short)."""
+    judged: dict[str, dict[str, BfclResult]] = {}
+    for mode in modes:
+        lines = (folder / f"bfcl_{mode}.jsonl").read_text().split("\n")[1:-1]  # the header; a cut last line
+        judged[mode] = {r.id: r for r in (BfclResult.from_json(json.loads(line)["result"]) for line in lines)}
+    both = [c.id for c in cases if all(c.id in judged[mode] for mode in modes)]
+    runs = [BfclRun(mode, "SmolLM2-135M-Instruct", [judged[mode][i] for i in both]) for mode in modes]
+    for run in runs:
+        run.seconds = sum(r.seconds for r in run.results)
+    present = [name for name in categories if any(r.category == name for r in runs[0].results)]
+    print(f"judged in every mode: {len(both)} of {len(cases)} cases "
+          f"({', '.join(f'{m} {len(judged[m])}' for m in modes)} in the journals)")  # fmt: skip
+    if both:
+        table(present, runs)
+    print(" ".join(f"bfcl_{r.mode}={r.overall:.4f}" for r in runs))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--n", type=int, default=8, help="cases per category (a fixed sample, seed 0)")
@@ -79,6 +98,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared 2-core box)")
     parser.add_argument("--modes", default="constrained,unconstrained", help="which modes to run, in order")
     parser.add_argument("--journal", type=Path, default=None, help="a folder of per-mode journals to resume from")
+    parser.add_argument("--summary", action="store_true", help="print what the journals hold so far; ask nothing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
@@ -88,6 +108,11 @@ def main() -> None:
         parser.error(f"--modes takes constrained and/or unconstrained, got {args.modes!r}")
     by_category = [load_bfcl([name], limit=args.n, seed=args.seed) for name in categories]
     cases = [c for group in itertools.zip_longest(*by_category) for c in group if c is not None]
+    if args.summary:
+        if args.journal is None:
+            parser.error("--summary reads the journals: give --journal DIR")
+        summary(args.journal, categories, modes, cases)
+        return
     if args.journal is not None:
         args.journal.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
