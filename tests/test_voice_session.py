@@ -225,7 +225,19 @@ def heard_seconds(speaker: ToneSpeaker, sentences: list[str], share: float = 0.0
     return whole + share * speaker.duration(rest + ".")
 
 
-def test_an_answer_talked_over_is_kept_as_far_as_it_was_heard(tmp_path: Path) -> None:
+class AllAtOnce(FunctionModel):
+    """Streams its whole answer as one delta, so one delta completes several sentences."""
+
+    async def request_stream(self, messages: Any, tools: Any, settings: Any) -> Any:
+        from agent.models import TextDelta
+
+        response = await self.request(messages, tools, settings)
+        yield TextDelta(response.message.text)
+        yield response
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_an_answer_talked_over_is_kept_as_far_as_it_was_heard(tmp_path: Path, streaming: bool) -> None:
     """The answer is generated in full long before it is played; the transport says how much was heard."""
     store = Store(f"sqlite:///{tmp_path / 'voice.db'}")
     speaker = ToneSpeaker()
@@ -233,7 +245,7 @@ def test_an_answer_talked_over_is_kept_as_far_as_it_was_heard(tmp_path: Path) ->
     def answer(messages: list[Message], info: AgentInfo) -> str:
         return ANSWER if messages[-1].text == "where is the station?" else f"I heard {len(messages)} messages."
 
-    model = Streaming(answer)
+    model = Streaming(answer) if streaming else AllAtOnce(answer)  # word by word, or all sentences in one delta
     first = ["The station is north of here."]
 
     async def go() -> tuple[VoiceSession, list[str]]:

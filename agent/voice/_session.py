@@ -144,6 +144,12 @@ class _Spoken:
         return text_from
 
 
+def _queue(queue: asyncio.Queue[tuple[str, int] | None], sentences: list[str], splitter: SentenceSplitter) -> None:
+    """Queue new sentences for speech, each with where it ends in the answer's text."""
+    for sentence, end in zip(sentences, splitter.ends[len(splitter.ends) - len(sentences) :], strict=True):
+        queue.put_nowait((sentence, end))
+
+
 _WORD = re.compile(r"\S+")
 _SPOKEN_TURNS = 16  # answers remembered for `truncate`
 
@@ -366,8 +372,7 @@ class VoiceSession:
                 if isinstance(event, TextDeltaEvent):
                     text.append(event.text)
                     self._events.put_nowait(ResponseText(turn=turn, delta=event.text))
-                    for sentence in splitter.feed(event.text):
-                        sentences.put_nowait((sentence, splitter.ends[-1]))
+                    _queue(sentences, splitter.feed(event.text), splitter)
                 elif isinstance(event, ToolCallEvent):
                     # text before a call was the model thinking aloud: not the answer
                     text.clear()
@@ -381,8 +386,7 @@ class VoiceSession:
                     )
                 elif isinstance(event, FinalEvent):
                     result = event.result
-            for sentence in splitter.flush():
-                sentences.put_nowait((sentence, splitter.ends[-1]))
+            _queue(sentences, splitter.flush(), splitter)
             sentences.put_nowait(None)
             if speaking is not None:
                 await speaking
