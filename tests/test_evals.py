@@ -440,6 +440,10 @@ async def test_a_journal_of_another_run_or_a_broken_one_is_refused(bfcl_dir: Pat
     journal.write_text(kept.replace('"result": {"id"', '"result": {"idx"', 1))
     with pytest.raises(UserError, match="line 2 is not a result"):
         await run_bfcl(FunctionModel(scripted), cases, journal=journal)
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text('{"bfcl_journal": 1, "mod')  # killed while writing the header: starts over
+    assert (await run_bfcl(FunctionModel(scripted), cases, journal=cut)).overall == 0.5
+    assert len(cut.read_text().splitlines()) == 3
     with pytest.raises(UserError, match="cannot write the journal"):
         await run_bfcl(FunctionModel(scripted), cases, journal=tmp_path / "no" / "such" / "run.jsonl")
     # A case whose content changed under the same id is asked again, not taken from the journal.

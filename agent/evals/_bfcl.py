@@ -598,7 +598,7 @@ class _Journal:
             raw = self.path.read_bytes() if self.path.exists() else b""
         except OSError as exc:
             raise UserError(f"cannot read the journal {str(self.path)!r}: {exc.strerror or exc}") from None
-        if not raw.strip():
+        if not raw.strip() or b"\n" not in raw:  # a new journal, or one killed while writing its header
             self._open("w")
             self._write(self.header)
             return {}
