@@ -638,22 +638,12 @@ def _bfcl_mode(
     so far, time left) and a line per category done."""
     from collections import Counter
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
+    from agent._progress import progress_bar
     from agent.evals import BfclResult, run_bfcl, with_constraint
 
     totals = Counter(case.category for case in cases)
     seen: dict[str, list[int]] = {}  # category -> [right, judged]
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[right]} right"), TimeElapsedColumn(), TextColumn("eta"),
-                   TimeRemainingColumn(), console=err, transient=True)  # fmt: skip
+    bar = progress_bar(err, extra="{task.fields[right]} right", transient=True)
     task = bar.add_task("cases", total=len(cases), right=0)
 
     def tick(result: BfclResult) -> None:

@@ -402,24 +402,10 @@ class Ingestor:
             yield lambda: None
             return
         from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
 
-        bar = Progress(
-            TextColumn("{task.description:<9}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
+        from agent._progress import progress_bar
+
+        bar = progress_bar(Console(stderr=True), width=9)
         with bar:
             task = bar.add_task("sources", total=sources)
             self._bar, self._segments_task = bar, bar.add_task("segments", total=0)
