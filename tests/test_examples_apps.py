@@ -7,6 +7,7 @@ each example as a script, offline, as a user would.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import importlib.util
 import io
@@ -445,3 +446,20 @@ def test_voice_live_script_barges_in_offline(tmp_path: Path) -> None:
     assert "stored     : 2 runs in voice.db (interrupted, completed)" in out.stdout
     spoken, rate = sf.read(tmp_path / "answer.wav")
     assert rate == 16_000 and len(spoken) > 0
+
+
+def test_voice_live_script_keeps_what_was_heard_when_talked_over(tmp_path: Path) -> None:
+    out = _script(tmp_path, "voice_live.py", "--db", "voice.db", "--talk-over", "0.5", "--speech", "tone",
+                  "--max-tokens", "40")  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    said = next(line for line in out.stdout.splitlines() if line.startswith("assistant  : "))
+    heard = next(line for line in out.stdout.splitlines() if line.startswith("heard      : "))
+    assert heard.endswith("(played for 0.5 s)")
+    from memory import Store
+
+    whole = ast.literal_eval(said.removeprefix("assistant  : ").rsplit(" (", 1)[0])
+    with Store(str(tmp_path / "voice.db")) as store:
+        (conversation,) = store.list_conversations()
+        first = next(m.text for m in store.load_conversation(conversation.id) if m.role == "assistant")
+    assert whole.startswith(first) and len(first) < len(whole)  # cut to what 0.5 s of speech said
+    assert heard.removeprefix("heard      : ").startswith(repr(first[:160]))
