@@ -452,7 +452,10 @@ class VoiceSession:
         if memory is None:
             spoken.where = len(self.history) - 1
         else:
-            info = await asyncio.to_thread(memory.conversation, self.conversation_id)
+            try:
+                info = await asyncio.to_thread(memory.conversation, self.conversation_id)
+            except MMAgentError:  # the store failed: the answer stays as it is, and the turn goes on
+                return
             spoken.where = info.message_count - 1
 
     async def _speak(self, turn: int, sentences: asyncio.Queue[tuple[str, int] | None], spoken: _Spoken) -> None:
