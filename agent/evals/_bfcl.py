@@ -542,7 +542,7 @@ async def run_bfcl(
     run = BfclRun(mode=mode, model=model.name)
     book = _Journal(Path(journal), model.name, mode, settings) if journal is not None else None
     done = book.load() if book is not None else {}
-    resumed = [done[(case.id, _digest(case))] for case in cases if (case.id, _digest(case)) in done]
+    resumed = [r for r in (done.get((case.id, _digest(case))) for case in cases) if r is not None] if done else []
     for result in resumed:
         if progress is not None:
             progress(result)
