@@ -701,12 +701,26 @@ class Agent(Generic[OutputT]):
     async def _commit(self, state: _RunState, phase: Any, messages: list[Message]) -> None:
         if self.memory is not None and state.run_id is not None:
             began = asyncio.get_running_loop().time()
-            await asyncio.to_thread(self.memory.commit_step, state.run_id, state.step, phase, messages, state.usage)
+            memory, run_id, step, usage = self.memory, state.run_id, state.step, state.usage
+            await _settled(lambda: memory.commit_step(run_id, step, phase, messages, usage))
             state.renewed = max(state.renewed, began)  # the commit renewed the lease
 
     async def _end(self, state: _RunState, status: Any, error: str | None) -> None:
         if self.memory is not None and state.run_id is not None:
-            await asyncio.to_thread(self.memory.end_run, state.run_id, status, error)
+            memory, run_id = self.memory, state.run_id
+            await _settled(lambda: memory.end_run(run_id, status, error))
+
+
+async def _settled(call: Callable[[], None]) -> None:
+    """Run a store write in a worker thread. Cancelled meanwhile, it waits for the write to land (or fail) before
+    the cancellation goes on: whoever cancelled a run finds the store as the run left it, not changing under them."""
+    write = asyncio.ensure_future(asyncio.to_thread(call))
+    try:
+        await asyncio.shield(write)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await write
+        raise
 
 
 def _quietly(release: Callable[[str], None], run_id: str) -> None:

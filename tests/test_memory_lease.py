@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import threading
 import time
 from typing import Any
 
@@ -256,6 +257,34 @@ async def test_cancelling_a_run_releases_the_lease_and_keeps_it_resumable(store_
         assert result.output == "done c"
         assert fresh.list_runs(conversation_id=cid)[0].status == "completed"
     assert history_problems(store_url, cid) == []
+
+
+class SlowCommits(Store):
+    """A store whose step commits take a while: `committing` is set as one begins."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.committing = threading.Event()
+
+    def commit_step(self, *args: Any, **kwargs: Any) -> None:
+        self.committing.set()
+        time.sleep(0.3)
+        super().commit_step(*args, **kwargs)
+
+
+async def test_a_run_cancelled_while_committing_returns_once_the_commit_landed(store_url: str) -> None:
+    """The caller that cancelled finds the store as the run left it (no write still landing behind its back)."""
+    with SlowCommits(store_url) as store:
+        model = FunctionModel(lambda messages, info: "the answer")
+        task = asyncio.ensure_future(Agent(model, memory=store).run("question"))
+        await asyncio.to_thread(store.committing.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        [run] = store.list_runs()
+        assert (run.status, run.steps) == ("running", 1)  # the answer's commit landed; the run did not end
+        assert [m.text for m in store.load_conversation(run.conversation_id)] == ["question", "the answer"]
+        assert lease_of(store, run.conversation_id) == (None, None)
 
 
 async def test_cancelled_while_waiting_for_the_lease_leaves_nothing_held(store_url: str) -> None:

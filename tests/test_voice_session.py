@@ -9,6 +9,8 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -270,6 +272,87 @@ def test_an_answer_talked_over_is_kept_as_far_as_it_was_heard(tmp_path: Path, st
     assert [m.text for m in stored if m.role == "assistant"] == kept
     assert model.requests[-1][-2].text == kept[0]  # the next turn's request held only what was heard
     assert [h.conversation_id for h in store.search("north")] and not store.search("minutes")
+    store.close()
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_talking_over_an_answer_generated_in_full_but_still_being_synthesised_keeps_it_once(
+    tmp_path: Path, stored: bool
+) -> None:
+    """The run finished (and kept its answer) while a slow synthesiser was still speaking it: the barge-in
+    cancels the speech only; the answer is not stored a second time, and can still be cut to what was heard."""
+    store = Store(f"sqlite:///{tmp_path / 'voice.db'}") if stored else None
+    speaker = ToneSpeaker(delay=0.02)  # 5.3 s of audio, synthesised in 20 ms chunks: seconds behind the text
+    model = Streaming(lambda messages, info: ANSWER)
+    heard = heard_seconds(speaker, ["The station is north of here."], 0.5)
+
+    async def go() -> tuple[VoiceSession, list[Any], str]:
+        events: list[Any] = []
+        async with VoiceSession(Agent(model, memory=store), speaker=speaker) as session:
+            collector = asyncio.ensure_future(collect(session, events))
+            await session.say("where is the station?")
+            for _ in range(1000):  # until the run has ended and the first 'heard' seconds are synthesised
+                audio = sum(len(e.samples) for e in events if isinstance(e, ResponseAudio)) / 16_000
+                ended = sum(isinstance(e, ResponseText) for e in events) == len(ANSWER.split(" "))
+                if store is not None:
+                    ended = ended and bool(store.list_runs(conversation_id=session.conversation_id, status="completed"))
+                if ended and audio >= heard:
+                    break
+                await asyncio.sleep(0.01)
+            assert session.responding  # still speaking
+            await session.interrupt()
+            kept = await session.truncate(1, heard)
+            await session.close()
+            await collector
+        return session, events, kept
+
+    session, events, kept = asyncio.run(go())
+    (done,) = [e for e in events if isinstance(e, ResponseDone)]
+    assert done.interrupted and done.text.strip() == ANSWER
+    # the second sentence was still being synthesised when cut: its length unknown, only whole sentences are kept
+    assert kept == "The station is north of here."
+    if store is not None:
+        (run,) = store.list_runs(conversation_id=session.conversation_id)
+        assert run.status == "completed" and done.run_id == run.id
+        messages = store.load_conversation(session.conversation_id or "")
+        store.close()
+    else:
+        messages = session.history
+    assert [(m.role, m.text) for m in messages] == [("user", "where is the station?"), ("assistant", kept)]
+
+
+def test_talking_over_an_answer_while_the_run_commits_it_stores_it_once(tmp_path: Path) -> None:
+    """The barge-in lands while the run is writing its answer to the store: the answer is kept once, as the run
+    wrote it, and the run counts as completed (only its speech was cut)."""
+
+    class SlowCommits(Store):
+        committing = threading.Event()
+
+        def commit_step(self, *args: Any, **kwargs: Any) -> None:
+            self.committing.set()
+            time.sleep(0.3)
+            super().commit_step(*args, **kwargs)
+
+    store = SlowCommits(f"sqlite:///{tmp_path / 'voice.db'}")
+
+    async def go() -> tuple[VoiceSession, list[Any]]:
+        events: list[Any] = []
+        async with VoiceSession(Agent(Streaming(lambda m, i: ANSWER), memory=store), speaker=ToneSpeaker()) as session:
+            collector = asyncio.ensure_future(collect(session, events))
+            await session.say("where is the station?")
+            await asyncio.to_thread(store.committing.wait, 10)
+            await session.interrupt()
+            assert await session.truncate(1, float("inf")) == ANSWER
+            await session.close()
+            await collector
+        return session, events
+
+    session, events = asyncio.run(go())
+    (done,) = [e for e in events if isinstance(e, ResponseDone)]
+    assert done.interrupted and done.text.strip() == ANSWER
+    (run,) = store.list_runs(conversation_id=session.conversation_id)
+    assert run.status == "completed" and done.run_id == run.id
+    assert [m.text for m in store.load_conversation(session.conversation_id or "")] == ["where is the station?", ANSWER]
     store.close()
 
 

@@ -260,8 +260,9 @@ class VoiceSession:
     async def truncate(self, turn: int, heard_seconds: float) -> str:
         """The user heard only the first `heard_seconds` of turn `turn`'s spoken answer (the transport stopped
         playing it: the user talked over it). The answer, stored or in the history, is cut to what was said by
-        then: whole sentences, and of the sentence cut off, the share of its words that was played. A response
-        still running for that turn is cancelled first. Returns the text kept.
+        then: whole sentences, and of the sentence cut off, the share of its words that was played (a sentence
+        cut while it was still being synthesised has no known length: it is dropped). A response still running
+        for that turn is cancelled first. Returns the text kept.
 
         Raises:
             UserError: `turn` had no spoken answer (or is one of the older turns no longer remembered), or
@@ -361,8 +362,8 @@ class VoiceSession:
             speaking = asyncio.ensure_future(self._speak(turn, sentences, spoken))
         splitter = SentenceSplitter()
         memory = self.agent.memory
+        result = None
         try:
-            result = None
             stream = self.agent.run_stream(
                 message,
                 history=self.history if memory is None else (),
@@ -404,10 +405,17 @@ class VoiceSession:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await speaking
             partial = "".join(text)
-            run_id = await self._store_interrupted(message, partial)
-            if spoken is not None and partial.strip():
+            if result is not None:  # the run had finished and kept its answer; only its speech was cut short
+                run_id = result.run_id
+                if memory is None:
+                    self.history = [m for m in result.messages if m.role != "system"]
+                kept = result.messages[-1] if result.messages else None
+            else:
+                run_id = await self._store_interrupted(message, partial)
+                kept = Message.assistant(partial)
+            if spoken is not None and partial.strip() and kept is not None:
                 spoken.text = partial
-                await asyncio.shield(self._kept(spoken, Message.assistant(partial)))
+                await asyncio.shield(self._kept(spoken, kept))
             self._events.put_nowait(ResponseDone(turn=turn, text=partial, interrupted=True, run_id=run_id))
             self._transcribe_later(turn, message, run_id)
             raise
@@ -482,13 +490,22 @@ class VoiceSession:
         assert cid is not None
 
         def store() -> str | None:
-            runs = memory.list_runs(conversation_id=cid, status="running", limit=1)
+            runs = memory.list_runs(conversation_id=cid, limit=1)  # this turn's, if it began (the answer says so)
+            run = runs[0] if runs and (answer or runs[0].status == "running") else None
+            if run is not None and run.status == "completed":
+                return str(run.id)  # cancelled as it ended: its answer is stored
+            if run is not None:
+                stored = memory.load_run(run.id)
+                last = stored.messages[-1] if stored.new_message_count > 1 else None
+                if last is not None and last.role == "assistant" and not last.tool_calls:
+                    memory.end_run(run.id, "completed")  # cancelled after it committed its answer, before it ended
+                    return str(run.id)
             if answer:
                 memory.append(cid, answer)
-            if not runs:
+            if run is None:
                 return None
-            memory.end_run(runs[0].id, "interrupted", INTERRUPTED)
-            return str(runs[0].id)
+            memory.end_run(run.id, "interrupted", INTERRUPTED)
+            return str(run.id)
 
         # The run's own cleanup (releasing its lease) happens as the cancellation unwinds it; then this.
         return await asyncio.shield(asyncio.to_thread(store))
