@@ -581,7 +581,10 @@ def eval_bfcl(
         bool | None,
         typer.Option("--constrained/--unconstrained", help="grammar on or off (in-process models; default on)"),
     ] = None,
-    both: Annotated[bool, typer.Option("--both", help="run constrained, then unconstrained")] = False,
+    both: Annotated[
+        bool,
+        typer.Option("--both", help="run constrained, then unconstrained (only where the grammar steered a token)"),
+    ] = False,
     max_tokens: Annotated[int, typer.Option(min=1, help="tokens per answer")] = 512,
     report: Annotated[Path, typer.Option(help="where to write the JSON report")] = Path("bfcl-report.json"),
     data: Annotated[Path | None, typer.Option(help="a folder laid out as bfcl-eval's data/ (default: its own)")] = None,
@@ -596,7 +599,9 @@ def eval_bfcl(
     """Berkeley Function Calling Leaderboard v4 (single-turn categories), AST-checked, through the model seam.
 
     Each mode's results go to a journal beside the report (`REPORT.<mode>.jsonl`) as they are judged; after an
-    interruption, the same command with --resume asks only the cases not yet judged.
+    interruption, the same command with --resume asks only the cases not yet judged. With --both, a case whose
+    constrained answer the grammar did not steer at all is not asked again unconstrained: greedy decoding without
+    the grammar writes the same tokens (the report marks such results `reused`).
     """
     from agent.evals import BFCL_CATEGORIES, bfcl_version, load_bfcl
     from agent.models import ModelSettings
@@ -620,9 +625,10 @@ def eval_bfcl(
     document: dict[str, Any] = {"benchmark": "BFCL v4", "bfcl_eval": bfcl_version(), "model": backend.name,
                                 "categories": names, "limit": limit, "seed": seed, "max_tokens": max_tokens,
                                 "runs": []}  # fmt: skip
-    runs = []
+    runs: list[Any] = []
     for flag in [True, False] if both else [constrained]:
-        runs.append(_bfcl_mode(backend, cases, flag, settings, report, concurrency))
+        reuse = {r.id: r for r in runs[0].results} if runs and runs[0].mode == "constrained" else None
+        runs.append(_bfcl_mode(backend, cases, flag, settings, report, concurrency, reuse))
         document["runs"].append(runs[-1].to_json())
         _write_report(report, document)  # after each mode: a later failure keeps what ran
     for run in runs:  # all of it is in the report now
@@ -632,7 +638,13 @@ def eval_bfcl(
 
 
 def _bfcl_mode(
-    backend: Any, cases: list[Any], constrained: bool | None, settings: Any, report: Path, concurrency: int
+    backend: Any,
+    cases: list[Any],
+    constrained: bool | None,
+    settings: Any,
+    report: Path,
+    concurrency: int,
+    reuse: dict[str, Any] | None = None,
 ) -> Any:
     """One pass over the cases with the grammar on, off, or as the backend is: a progress bar (cases judged, right
     so far, time left) and a line per category done."""
@@ -660,10 +672,14 @@ def _bfcl_mode(
             journal = Path(f"{report}.{mode}.jsonl")
             with bar:
                 return await run_bfcl(backend, cases, mode=mode, settings=settings, progress=tick, journal=journal,
-                                      concurrency=concurrency)  # fmt: skip
+                                      concurrency=concurrency, reuse=reuse)  # fmt: skip
 
     try:
-        return _guard(lambda: asyncio.run(go()))
+        run = _guard(lambda: asyncio.run(go()))
+        reused = sum(r.reused for r in run.results)
+        if reused:
+            err.print(f"  {reused} of {len(run.results)} answers taken from the constrained pass (no token steered)")
+        return run
     except typer.Exit as exc:
         if exc.exit_code == 130:  # Ctrl-C: what was judged is in the journal
             err.print("the cases judged so far are kept: run the same command with --resume to go on")

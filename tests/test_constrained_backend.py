@@ -7,6 +7,7 @@ parse and validate against the tools' JSON schemas.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import random
 import sys
@@ -243,6 +244,60 @@ async def test_forced_tokens_share_forward_passes(constrained: TransformersModel
     assert stats.output_tokens == response.usage.output_tokens
     assert 0 < stats.forward_passes < stats.output_tokens
     assert stats.decode_seconds > 0 and stats.prefill_seconds > 0
+
+
+async def test_steered_tokens_count_what_the_grammar_chose_instead_of_the_model(
+    constrained: TransformersModel,
+) -> None:
+    """At temperature 0 a call the random model would never write is all the grammar's doing; unconstrained, the
+    count is None and the output differs."""
+    greedy = ModelSettings(tool_choice="get_weather", max_tokens=256)
+    forced = await constrained.request([Message.user("go")], [weather()], greedy)
+    assert assert_valid(forced, [weather()]) and forced.steered_tokens is not None
+    assert 0 < forced.steered_tokens <= forced.usage.output_tokens
+    assert constrained.last_stats is not None and constrained.last_stats.steered_tokens == forced.steered_tokens
+    sampled = await constrained.request([Message.user("go")], [weather()], settings("get_weather", 3))
+    assert sampled.steered_tokens is not None and sampled.steered_tokens > 0
+    constrained.constrained = False
+    free = await constrained.request([Message.user("go")], [weather()], dataclasses.replace(greedy, tool_choice="auto"))
+    assert free.steered_tokens is None and free.raw_text != forced.raw_text
+
+
+def _plain_words(tokenizer: Any) -> Any:
+    """Allow only tokens that are plain ASCII letters and spaces: text the grammar has no reason to touch."""
+    import torch
+
+    keep = [
+        i
+        for i in range(len(tokenizer))
+        if (t := tokenizer.decode([i])).strip() and all(c.isascii() and (c.isalpha() or c == " ") for c in t)
+    ]
+
+    def processor(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        kept = scores[..., keep].clone()
+        scores[...] = float("-inf")
+        scores[..., keep] = kept
+        return scores
+
+    return processor
+
+
+async def test_steered_tokens_say_whether_free_decoding_writes_the_same(tiny_chat_model: TransformersModel) -> None:
+    """Greedy text under tools: where the grammar touched nothing (steered_tokens 0) the output with it off is
+    token for token the same; where it refused the model's pick (a token that is half a UTF-8 character, which
+    the random model likes) the count says so and the outputs part there."""
+    tokenizer = tiny_chat_model.tokenizer
+    messages = [Message.user("Write a poem.")]
+    seen = []
+    for processor in (_plain_words(tokenizer), _no_call_start(tokenizer)):
+        model = TransformersModel(tiny_chat_model.model, tokenizer, logits_processors=[processor])
+        on = await model.request(messages, [weather()], ModelSettings(max_tokens=40))
+        model.constrained = False
+        off = await model.request(messages, [weather()], ModelSettings(max_tokens=40))
+        assert off.steered_tokens is None and on.steered_tokens is not None
+        assert (on.steered_tokens == 0) == (on.raw_text == off.raw_text), (on.raw_text, off.raw_text)
+        seen.append(on.steered_tokens)
+    assert seen[0] == 0 and seen[1] > 0
 
 
 # ------------------------------------------------------------------ free text under a tight budget (a found defect)

@@ -426,6 +426,44 @@ async def test_a_journal_resumes_a_stopped_run_without_asking_again(bfcl_dir: Pa
     assert done.overall == whole.overall and done.accuracy() == whole.accuracy()
 
 
+class Steered(FunctionModel):
+    """`scripted`, saying the grammar steered `steered[question]` of its tokens (None: unconstrained)."""
+
+    def __init__(self, steered: dict[str, int | None]) -> None:
+        super().__init__(scripted)
+        self.steered = steered
+        self.asked: list[str] = []
+
+    async def request(self, messages: Any, tools: Any, settings: Any) -> Any:
+        response = await super().request(messages, tools, settings)
+        self.asked.append(messages[-1].text)
+        return dataclasses.replace(response, steered_tokens=self.steered.get(messages[-1].text))
+
+
+async def test_an_unconstrained_pass_reuses_answers_the_grammar_did_not_steer(bfcl_dir: Path, tmp_path: Path) -> None:
+    cases = load_bfcl(["simple", "irrelevance"], data_dir=bfcl_dir)
+    questions = [c.messages[-1].text for c in cases]
+    constrained = await run_bfcl(Steered(dict(zip(questions, [0, 3, None], strict=True))), cases, mode="constrained")
+    assert [r.steered for r in constrained.results] == [0, 3, None]
+    reuse = {r.id: r for r in constrained.results}
+    journal = tmp_path / "free.jsonl"
+    free_model = Steered({})
+    free = await run_bfcl(free_model, cases, mode="unconstrained", reuse=reuse, journal=journal)
+    assert free_model.asked == questions[1:]  # steered 3, and not constrained at all: asked again
+    first = free.results[0]
+    assert first.reused and not any(r.reused for r in free.results[1:])
+    assert (first.ok, first.calls, first.text, first.seconds) == (True, constrained.results[0].calls, "", 0.0)
+    assert json.loads(json.dumps(free.to_json()))["cases"][0]["reused"] is True
+
+    def refuse(messages: list[Message], info: AgentInfo) -> str:
+        raise AssertionError("a judged case was asked again")
+
+    again = await run_bfcl(FunctionModel(refuse), cases, mode="unconstrained", journal=journal)
+    assert [r.to_json() for r in again.results] == [r.to_json() for r in free.results]  # reused survives
+    with pytest.raises(UserError, match="temperature 0"):
+        await run_bfcl(free_model, cases, settings=ModelSettings(temperature=0.7), reuse=reuse)
+
+
 async def test_a_journal_of_another_run_or_a_broken_one_is_refused(bfcl_dir: Path, tmp_path: Path) -> None:
     cases = load_bfcl(["simple"], data_dir=bfcl_dir)
     journal = tmp_path / "run.jsonl"
@@ -535,6 +573,8 @@ async def test_in_process_runs_both_modes_through_the_backend(tiny_phi4: Any, bf
             run = await run_bfcl(tiny_phi4, cases, mode=mode, settings=settings)
         modes.append(run.mode)
         assert len(run.results) == 3 and all(r.reason or r.ok for r in run.results)
+        steered = [r.steered for r in run.results]
+        assert all(isinstance(n, int) for n in steered) if mode == "constrained" else steered == [None] * 3
     assert tiny_phi4.constrained is True  # restored
     grammar = importlib.util.find_spec("llguidance") is not None
     assert modes == ["constrained" if grammar else "unconstrained", "unconstrained"]

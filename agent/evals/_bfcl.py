@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import importlib.metadata
 import importlib.resources
@@ -416,6 +417,9 @@ class BfclResult:
         text: the model's text besides the calls.
         parse_errors: what the backend could not read as calls.
         seconds: the request's wall time.
+        steered: how many output tokens the grammar chose rather than the model (`ModelResponse.steered_tokens`;
+            None when decoding was not constrained).
+        reused: not asked again: taken from a constrained run where the grammar steered nothing (see `run_bfcl`).
     """
 
     id: str
@@ -427,8 +431,11 @@ class BfclResult:
     text: str = ""
     parse_errors: tuple[str, ...] = ()
     seconds: float = 0.0
+    steered: int | None = None
+    reused: bool = False
 
     def to_json(self) -> dict[str, Any]:
+        extra = {"steered": self.steered} if self.steered is not None else {}
         return {
             "id": self.id,
             "category": self.category,
@@ -439,6 +446,8 @@ class BfclResult:
             "text": self.text,
             "parse_errors": list(self.parse_errors),
             "seconds": round(self.seconds, 3),
+            **extra,
+            **({"reused": True} if self.reused else {}),
         }
 
     @classmethod
@@ -451,9 +460,11 @@ class BfclResult:
         calls = data["calls"]
         if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
             raise TypeError("calls must be a list of objects")
+        steered = data.get("steered")
         return cls(str(data["id"]), str(data["category"]), bool(data["ok"]), str(data["reason"]), str(data["kind"]),
                    calls, str(data.get("text", "")), tuple(str(e) for e in data.get("parse_errors", ())),
-                   float(data.get("seconds", 0.0)))  # fmt: skip
+                   float(data.get("seconds", 0.0)), None if steered is None else int(steered),
+                   bool(data.get("reused", False)))  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -510,6 +521,7 @@ async def run_bfcl(
     progress: Callable[[BfclResult], None] | None = None,
     journal: str | Path | None = None,
     concurrency: int = 1,
+    reuse: Mapping[str, BfclResult] | None = None,
 ) -> BfclRun:
     """Ask `model` each case once (`Model.request`, `tool_choice="auto"`) and judge its calls.
 
@@ -531,14 +543,21 @@ async def run_bfcl(
         concurrency: requests in flight at once. A server that batches (vLLM, `mmagent serve` in model mode on
             a GPU) answers them together; an in-process model answers one at a time whatever this is. Results
             are still reported in case order; `progress` and the journal see them as they finish.
+        reuse: for an unconstrained pass at temperature 0, the same model's constrained results with the same
+            settings, by case id. A case whose constrained result says the grammar steered no token
+            (`steered == 0`) is not asked again: free greedy decoding writes the same tokens, so its result is
+            that one, marked `reused`. On a small model most answers are text the grammar never touches, which
+            halves the cost of comparing the two modes.
 
     Raises:
         UserError: the journal was written by another model, mode or settings, or cannot be read or written;
-            `concurrency` is below 1.
+            `concurrency` is below 1; `reuse` with a temperature above 0.
     """
     if concurrency < 1:
         raise UserError(f"concurrency must be at least 1, got {concurrency}")
     settings = settings or ModelSettings(tool_choice="auto", max_tokens=512)
+    if reuse and settings.temperature > 0:
+        raise UserError("reuse needs greedy decoding (temperature 0): sampled outputs differ from run to run")
     run = BfclRun(mode=mode, model=model.name)
     book = _Journal(Path(journal), model.name, mode, settings) if journal is not None else None
     done = book.load() if book is not None else {}
@@ -551,8 +570,12 @@ async def run_bfcl(
     slots = asyncio.Semaphore(concurrency)
 
     async def ask(case: BfclCase) -> None:
-        async with slots:
-            results[case.id] = result = await _one(model, case, settings)
+        same = (reuse or {}).get(case.id)
+        if same is not None and same.steered == 0 and same.category == case.category:
+            results[case.id] = result = dataclasses.replace(same, seconds=0.0, steered=None, reused=True)
+        else:
+            async with slots:
+                results[case.id] = result = await _one(model, case, settings)
         if book is not None:
             book.append(case, result)
         if progress is not None:
@@ -669,10 +692,10 @@ async def _one(model: Model, case: BfclCase, settings: ModelSettings) -> BfclRes
     if response.parse_errors and case.answers is not None:  # BFCL: output that does not decode is wrong
         reason = f"unparsable output: {response.parse_errors[0]}"
         return BfclResult(case.id, case.category, False, reason, "unparsable", shown, reply.text,
-                          response.parse_errors, seconds)  # fmt: skip
+                          response.parse_errors, seconds, response.steered_tokens)  # fmt: skip
     verdict = check_calls(case.functions, calls, case.answers, case.category)
     return BfclResult(case.id, case.category, verdict.ok, verdict.reason, verdict.kind, shown, reply.text,
-                      response.parse_errors, seconds)  # fmt: skip
+                      response.parse_errors, seconds, response.steered_tokens)  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -131,6 +131,8 @@ class ModelResponse:
         parse_errors: why parts of the output could not be read as calls (the loop sends a retry).
         finish_reason: `stop`, `length` or `cancelled`.
         logprobs: per generated token, when `ModelSettings.logprobs` asked for them and the backend has them.
+        steered_tokens: with grammar-constrained decoding in process, how many output tokens the grammar chose
+            rather than the model (0 at temperature 0: free decoding writes the same output); None otherwise.
     """
 
     message: Message
@@ -140,6 +142,7 @@ class ModelResponse:
     parse_errors: tuple[str, ...] = ()
     finish_reason: str | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None
+    steered_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

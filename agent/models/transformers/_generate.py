@@ -68,6 +68,7 @@ class Completion:
     decode_seconds: float = 0.0
     forward_passes: int = 0  # decode steps that ran the model (forced tokens share one)
     constraint_error: str | None = None  # why the grammar stopped constraining this generation, if it did
+    steered_tokens: int | None = None  # tokens the grammar chose rather than the model (None: unconstrained)
     logprobs: tuple[Logprob, ...] | None = None  # per token of the text, when asked for
 
 
@@ -126,6 +127,8 @@ class Engine:
         self.adapters = adapters
         self.state = CacheState()
         self._rejected = False  # the last sample-first step was rejected by the grammar
+        self._masked = False  # the last constrained step masked the scores (it did not take the model's draw)
+        self._steered = 0  # tokens of this generation the grammar chose rather than the model
         config = model.config
         layer_types = getattr(config, "layer_types", None) or ()
         # Sliding-window layers keep only the last `window` tokens, so a cut back is exact only while the
@@ -353,6 +356,7 @@ class Engine:
         # in one forward pass; not with logits processors, which expect to see every step.
         fast_forward = matcher is not None and not self.logits_processors
         self._rejected = False
+        self._steered = 0
         record: list[Logprob] | None = [] if settings.logprobs is not None else None
         generator = None
         if settings.temperature > 0 and settings.seed is not None:
@@ -374,6 +378,7 @@ class Engine:
                     for token in matcher.forced_tokens()[: max_new_tokens - len(generated) - 1]:
                         matcher.advance(token)
                         step.append(token)
+                        self._steered += 1  # the model never scored it
                         if record is not None:  # the only token allowed: probability 1
                             record.append((token, 0.0, ((token, 0.0),) if settings.logprobs else ()))
             for token in step:
@@ -394,6 +399,7 @@ class Engine:
                 # The grammar allows nothing but the end of the turn: write it without another forward pass
                 # (with logits processors, they see that step too, so the loop samples it).
                 generated.append(fmt.end_ids[0])
+                self._steered += 1
                 finish = "stop"
                 break
             if len(generated) >= max_new_tokens:
@@ -423,6 +429,7 @@ class Engine:
             decode_seconds=ended - decode_started,
             forward_passes=forwards,
             constraint_error=matcher.error if matcher is not None else None,
+            steered_tokens=self._steered if matcher is not None else None,
             logprobs=tuple(record[: len(body)]) if record is not None else None,
         )
 
@@ -445,16 +452,42 @@ class Engine:
             input_ids = torch.tensor([ids], dtype=torch.long, device=scores.device)
             for processor in self.logits_processors:
                 scores = processor(input_ids, scores)
+        if matcher is None or not matcher.active:
+            return (
+                _pick(scores[0], settings, generator)
+                if record is None
+                else _pick_recorded(scores[0], settings, generator, matcher, record)
+            )
+        # `steered_tokens`: at temperature 0, whether the grammar's pick differs from the model's own (exact);
+        # when sampling, every step the grammar masked counts (the free draw it replaced is unknown).
+        free = int(scores[0].argmax()) if settings.temperature <= 0 else None  # before a mask edits `scores`
+        token = self._constrained_pick(scores, settings, generator, matcher, record)
+        if free is not None:
+            self._steered += token != free
+        elif self._masked:
+            self._steered += 1
+        return token
+
+    def _constrained_pick(
+        self,
+        scores: torch.Tensor,
+        settings: ModelSettings,
+        generator: torch.Generator | None,
+        matcher: ToolCallMatcher,
+        record: list[Logprob] | None,
+    ) -> int:
+        import torch
+
+        self._masked = True
         if record is not None:
             return _pick_recorded(scores[0], settings, generator, matcher, record)
-        if matcher is None or not matcher.active:
-            return _pick(scores[0], settings, generator)
         if settings.top_p >= 1.0 and not matcher.closing and not self._rejected:
             # Sample first and mask only on a rejection: the same distribution (rejection sampling), and most
             # tokens of a trained model are accepted, so most steps skip the mask. After a rejection the next
             # step masks first (an untrained model's every sample is rejected).
             token = _pick(scores[0], settings, generator)
             if matcher.accepts(token):
+                self._masked = False
                 return token
             self._rejected = True
         else:

@@ -46,6 +46,10 @@ class GenerationStats:
         forward_passes: decode steps that ran the model; fewer than `output_tokens` when the grammar forced
             several tokens at once (`"arguments": {"`, the closing of a call).
         constraint_error: why the grammar stopped constraining, when it did (a `ConstraintWarning` said so).
+        steered_tokens: with grammar-constrained decoding, how many output tokens the grammar chose rather than
+            the model: tokens it forced, and picks where the model's own choice was not allowed. At temperature
+            0 a count of 0 means free decoding writes the very same output; when sampling, every step the grammar
+            had to mask counts. None: decoding was not constrained.
     """
 
     prefill_seconds: float
@@ -53,6 +57,7 @@ class GenerationStats:
     output_tokens: int
     forward_passes: int
     constraint_error: str | None = None
+    steered_tokens: int | None = None
 
 
 class TransformersModel(Model):
@@ -406,6 +411,7 @@ class TransformersModel(Model):
             output_tokens=completion.output_tokens,
             forward_passes=completion.forward_passes,
             constraint_error=completion.constraint_error,
+            steered_tokens=completion.steered_tokens,
         )
         parsed = self._format.parse(completion.text, json_answer=settings.response_format is not None)
         parts = parsed.parts
@@ -435,6 +441,7 @@ class TransformersModel(Model):
             parse_errors=parsed.errors,
             finish_reason=completion.finish_reason,
             logprobs=logprobs,
+            steered_tokens=completion.steered_tokens,
         )
 
     def _seam_error(self, exc: Exception, prompt_tokens: int) -> ModelError:
