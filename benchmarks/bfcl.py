@@ -178,7 +178,7 @@ def main() -> None:
                     print(f"shard {shard}/{shards}: {len(mine) - len(own)} cases to ask", flush=True)
             run = run_bfcl(model, mine, mode=mode, settings=settings, progress=show, journal=journal, reuse=reuse)
             runs.append(asyncio.run(run))
-    table(categories, runs)
+    table([name for name in categories if any(r.category == name for r in runs[0].results)], runs)
     if args.report is not None:
         args.report.write_text(json.dumps({"runs": [r.to_json() for r in runs]}, indent=1) + "\n")
     print(" ".join(f"bfcl_{r.mode}={r.overall:.4f}" for r in runs))
