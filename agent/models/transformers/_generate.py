@@ -127,7 +127,6 @@ class Engine:
         self.adapters = adapters
         self.state = CacheState()
         self._rejected = False  # the last sample-first step was rejected by the grammar
-        self._masked = False  # the last constrained step masked the scores (it did not take the model's draw)
         self._steered = 0  # tokens of this generation the grammar chose rather than the model
         config = model.config
         layer_types = getattr(config, "layer_types", None) or ()
@@ -461,11 +460,8 @@ class Engine:
         # `steered_tokens`: at temperature 0, whether the grammar's pick differs from the model's own (exact);
         # when sampling, every step the grammar masked counts (the free draw it replaced is unknown).
         free = int(scores[0].argmax()) if settings.temperature <= 0 else None  # before a mask edits `scores`
-        token = self._constrained_pick(scores, settings, generator, matcher, record)
-        if free is not None:
-            self._steered += token != free
-        elif self._masked:
-            self._steered += 1
+        token, masked = self._constrained_pick(scores, settings, generator, matcher, record)
+        self._steered += token != free if free is not None else masked
         return token
 
     def _constrained_pick(
@@ -475,20 +471,20 @@ class Engine:
         generator: torch.Generator | None,
         matcher: ToolCallMatcher,
         record: list[Logprob] | None,
-    ) -> int:
+    ) -> tuple[int, bool]:
+        """The grammar-allowed pick, and whether the grammar masked the scores for it (rather than accept the
+        model's own draw)."""
         import torch
 
-        self._masked = True
         if record is not None:
-            return _pick_recorded(scores[0], settings, generator, matcher, record)
+            return _pick_recorded(scores[0], settings, generator, matcher, record), True
         if settings.top_p >= 1.0 and not matcher.closing and not self._rejected:
             # Sample first and mask only on a rejection: the same distribution (rejection sampling), and most
             # tokens of a trained model are accepted, so most steps skip the mask. After a rejection the next
             # step masks first (an untrained model's every sample is rejected).
             token = _pick(scores[0], settings, generator)
             if matcher.accepts(token):
-                self._masked = False
-                return token
+                return token, False
             self._rejected = True
         else:
             self._rejected = False
@@ -496,14 +492,14 @@ class Engine:
         if allowed is not None:  # sample among the allowed logits only: the masked distribution, cheaper
             subset = scores[0].index_select(0, allowed)
             if not bool(torch.isinf(subset).all()):
-                return int(allowed[_pick(subset, settings, generator)])
+                return int(allowed[_pick(subset, settings, generator)]), True
         else:
             masked = matcher.mask_logits(scores[0].clone() if self.logits_processors else scores[0])
             if not bool(torch.isinf(masked).all()):
-                return _pick(masked, settings, generator)
+                return _pick(masked, settings, generator), True
         # A logits processor forced a token the grammar forbids (a scripted test, say): the processor wins, and
-        # the matcher, fed a token it rejects, warns and stops constraining.
-        return _pick(scores[0], settings, generator)
+        # the matcher, fed a token it rejects, warns and stops constraining. The pick is the model's own.
+        return _pick(scores[0], settings, generator), False
 
 
 def _pick_recorded(
